@@ -1,0 +1,70 @@
+"""Pieces shared by the objectives: noise draws, dropout-mask sharing, stop-gradient calls."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def check_batch(x0) -> torch.Tensor:
+    if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.ndim < 1 or x0.shape[0] == 0:
+        raise ValueError("x0 must be a floating-point tensor of shape [B, ...] with B >= 1")
+    return x0
+
+
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """N(0, I) noise shaped like x, drawn from ``generator`` on its own device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device).to(x)
+
+
+def rand(n: int, x: torch.Tensor, generator) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.rand(n, generator=generator, device=device, dtype=torch.float64).to(x.device)
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape([-1] + [1] * (x.ndim - 1)).to(x.dtype)
+
+
+class SharedRandomness:
+    """Replays the global RNG state so two forward passes see the same dropout masks.
+
+    iCT/ECT/BCM evaluate student and target with the same dropout mask (the iCT paper's
+    fix for the dropout-induced bias). ``with rng.replay():`` restores the state captured at
+    construction before running its block.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        yield
+
+
+def frozen_call(net, *args, **kwargs):
+    """net(*args) with gradients flowing to the inputs but not to net's own parameters.
+
+    This is BCM's "target network with requires_grad=False" applied to the online weights,
+    which iCT/BCM use as the target (EMA rate 0).
+    """
+    if isinstance(net, nn.Module):
+        params = {k: v.detach() for k, v in net.named_parameters()}
+        buffers = dict(net.named_buffers())
+        return torch.func.functional_call(net, {**params, **buffers}, args, kwargs)
+    return net(*args, **kwargs)
+
+
+def stats_of(**values) -> dict[str, float]:
+    out = {}
+    for key, v in values.items():
+        out[key] = float(v.float().mean()) if torch.is_tensor(v) else float(v)
+    return out

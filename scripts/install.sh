@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the cm workspace into ./.venv (created if missing): torch, build tools, and every
+# package under packages/ in editable mode. Safe to re-run; a second run installs nothing new.
+#   CM_TORCH_SPEC   torch requirement to install (default torch==2.13.0; the packages only need torch>=2.4)
+#   PYTHON          interpreter used to create the venv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${CM_TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[install] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+echo "[install] $TORCH_SPEC, build and test tools"
+"${PIP[@]}" "$TORCH_SPEC" "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
+    "pytest>=7" "scipy>=1.9" "matplotlib>=3.7"
+
+# Lower packages first: cm-kernels is the leaf of the dependency graph (see DESIGN.md).
+# --no-build-isolation: the C++ extension must build against the torch installed above.
+for pkg in cm-kernels cm-core; do
+    if [ -f "packages/$pkg/pyproject.toml" ]; then
+        echo "[install] packages/$pkg"
+        "${PIP[@]}" --no-build-isolation -e "packages/$pkg"
+    fi
+done
+.venv/bin/python -c "import cm_core; print('[install] ok: cm_core', cm_core.__version__)"

@@ -1,0 +1,77 @@
+"""Workspace rules from DESIGN.md: packages are complete, and imports only point down the DAG."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = sorted(p for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
+
+# What each package may import among the workspace's own (DESIGN.md, "direction of dependence").
+ALLOWED = {
+    "cm_kernels": set(),
+    "cm_core": {"cm_kernels"},
+    "cm_nets": {"cm_kernels"},
+    "cm_train": {"cm_core", "cm_nets", "cm_kernels", "cm_eval"},
+    "cm_eval": {"cm_core", "cm_nets", "cm_kernels"},
+    "cm_cli": {"cm_core", "cm_nets", "cm_kernels", "cm_train", "cm_eval"},
+}
+OWN = set(ALLOWED)
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_there_are_packages():
+    assert {p.name for p in PACKAGES} >= {"cm-core", "cm-kernels"}
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_package_is_complete(pkg):
+    meta = tomllib.loads((pkg / "pyproject.toml").read_text())["project"]
+    assert meta["name"] == pkg.name
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"]), "static semantic version"
+    assert any(d.startswith("torch>=") for d in meta["dependencies"]), "torch by range, never pinned"
+    for f in ("README.md", "CHANGELOG.md"):
+        assert (pkg / f).exists(), f"{pkg.name} lacks {f}"
+    import_name = pkg.name.replace("-", "_")
+    assert (pkg / "src" / import_name / "__init__.py").exists(), "src layout"
+    tests = pkg / "tests"
+    assert any(tests.glob("test_*.py")) and not (tests / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_imports_point_down_the_dag(pkg):
+    import_name = pkg.name.replace("-", "_")
+    bad = []
+    for path in (pkg / "src").rglob("*.py"):
+        for name in _imports(path) & OWN - {import_name}:
+            if name not in ALLOWED[import_name]:
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "upward or sideways imports: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_libraries_do_not_parse_cli_or_exit(pkg):
+    for path in (pkg / "src").rglob("*.py"):
+        names = _imports(path)
+        assert "click" not in names, f"{path}: only tools/ may import click"
+        assert "sys.exit(" not in path.read_text(), f"{path}: libraries raise, never exit"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "bash scripts/install.sh && .venv/bin/python -m pytest"
+    assert command in readme and command in ci
