@@ -1,0 +1,294 @@
+// CPU normalized attention (EDM2 / iCT-BCM "cosine" attention), forward and backward.
+//
+//   x_hat = x / (eps + ||x|| / sqrt(d))           per head vector (q, k; v when "qkv")
+//   O     = softmax(scale * q_hat k_hat^T) v_hat
+//
+// Layout: every [B, H, N, d] input and output is read or written through its strides, so the
+// ADM channels-first qkv tensor [B, 3*H*d, N] is consumed without a transposing copy. The
+// normalization is fused into the one pass that gathers each head into a contiguous float
+// panel; the two products per block are BLAS batched GEMMs (at::bmm); softmax and its
+// gradient are fused elementwise passes. Scores are materialized only for a block of heads
+// and query rows, bounded by kScoreBudget elements, so N = 4096 runs in bounded memory.
+//
+// Skipping the softmax running max (the logit bound). Claim: for normalized q and k,
+// |scale * q_hat . k_hat| <= d * scale.  Proof: ||x_hat|| = ||x|| / (eps + ||x||/sqrt(d))
+//   = sqrt(d) * r / (eps + r) with r = ||x||/sqrt(d) >= 0, eps > 0, so ||x_hat|| < sqrt(d)
+// (and = 0 when x = 0). By Cauchy-Schwarz |q_hat . k_hat| <= ||q_hat|| ||k_hat|| < d. Hence
+// m = d * scale upper-bounds every logit of the row, and softmax(s) = exp(s - m) / sum exp(s - m)
+// exactly (softmax is shift invariant for any m). Every exponent lies in [-2m, 0], so when
+// m <= kMaxBoundLogit = 40 each term is >= e^-80 > FLT_MIN = 1.2e-38: no term and no row sum
+// underflows (the row always contains terms, N >= 1), no term overflows. Beyond that bound,
+// or for normalize="none", the true row max is used. tests/test_attention.py tests logits at
+// +-m and m = 40 exactly.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../common.h"
+#include "simd.h"
+
+namespace cm_kernels {
+namespace {
+
+constexpr int64_t kScoreBudget = int64_t{1} << 22;  // score elements per block (16 MiB fp32)
+
+struct Blocking {
+  int64_t heads, rows;  // heads per block, query rows per block
+};
+
+Blocking plan_blocks(int64_t BH, int64_t Nq, int64_t Nk) {
+  Blocking b;
+  b.rows = std::min(Nq, std::max<int64_t>(1, kScoreBudget / Nk));
+  b.heads = std::min(BH, std::max<int64_t>(1, kScoreBudget / (b.rows * Nk)));
+  return b;
+}
+
+int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / d); }
+
+// xn[r, :] = mult * x[r, :] * (normalize ? 1 / (eps + rms(x[r, :])) : 1), r over (b, h, n);
+// x is any-strided [B, H, N, d] of type T, xn a contiguous [B*H*N, d] panel of type A.
+template <typename T, typename A>
+void gather_rows(const at::Tensor& x, A* xn, bool normalize, A eps, A mult) {
+  const int64_t H = x.size(1), N = x.size(2), d = x.size(3);
+  const int64_t rows = x.size(0) * H * N;
+  const auto st = x.strides();
+  const T* base = x.const_data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t n = r % N, h = (r / N) % H, b = r / (N * H);
+      const T* src = base + b * st[0] + h * st[1] + n * st[2];
+      A* dst = xn + r * d;
+      for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c * st[3]]);
+      A f = mult;
+      if (normalize) f = mult / (eps + std::sqrt(simd::dot(dst, dst, d) / static_cast<A>(d)));
+      simd::scale_inplace(dst, d, f);
+    }
+  });
+}
+
+// dst[b, h, q0 + i, :] = src[(h - h0) * qb + i, :] for the block of heads [h0, h0 + hb) (h over B*H).
+template <typename T, typename A>
+void scatter_block(const A* src, at::Tensor& dst, int64_t h0, int64_t hb, int64_t q0, int64_t qb) {
+  const int64_t H = dst.size(1), d = dst.size(3);
+  const auto st = dst.strides();
+  T* base = dst.data_ptr<T>();
+  at::parallel_for(0, hb * qb, row_grain(d), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t bh = h0 + r / qb, n = q0 + r % qb;
+      T* out = base + (bh / H) * st[0] + (bh % H) * st[1] + n * st[2];
+      const A* row = src + r * d;
+      for (int64_t c = 0; c < d; ++c) out[c * st[3]] = static_cast<T>(row[c]);
+    }
+  });
+}
+
+// Backward of x_hat = x f, f = 1 / (eps + rms), rms = ||x|| / sqrt(d), for a row with upstream
+// gradient g = dL/dx_hat:  dL/dx = f g - f^2 (g . x) / (d rms) x   (0 for the second term at x = 0,
+// where rms is not differentiable; this matches torch.linalg.vector_norm's subgradient).
+// g_panel holds dL/d(mult * x_hat); writes dx in T through dx's strides.
+template <typename T, typename A>
+void normalize_backward(const at::Tensor& x, const A* g_panel, at::Tensor& dx, bool normalize, A eps, A mult) {
+  const int64_t H = x.size(1), N = x.size(2), d = x.size(3);
+  const int64_t rows = x.size(0) * H * N;
+  const auto sx = x.strides();
+  const auto sd = dx.strides();
+  const T* xb = x.const_data_ptr<T>();
+  T* db = dx.data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t lo, int64_t hi) {
+    std::vector<A> xr(d), gr(d);
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t n = r % N, h = (r / N) % H, b = r / (N * H);
+      const T* src = xb + b * sx[0] + h * sx[1] + n * sx[2];
+      T* out = db + b * sd[0] + h * sd[1] + n * sd[2];
+      const A* g = g_panel + r * d;
+      for (int64_t c = 0; c < d; ++c) gr[c] = mult * g[c];
+      if (!normalize) {
+        for (int64_t c = 0; c < d; ++c) out[c * sd[3]] = static_cast<T>(gr[c]);
+        continue;
+      }
+      for (int64_t c = 0; c < d; ++c) xr[c] = static_cast<A>(src[c * sx[3]]);
+      const A rms = std::sqrt(simd::dot(xr.data(), xr.data(), d) / static_cast<A>(d));
+      const A f = A(1) / (eps + rms);
+      const A coef = rms > A(0) ? f * f * simd::dot(gr.data(), xr.data(), d) / (static_cast<A>(d) * rms) : A(0);
+      for (int64_t c = 0; c < d; ++c) out[c * sd[3]] = static_cast<T>(f * gr[c] - coef * xr[c]);
+    }
+  });
+}
+
+template <typename T>
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                       at::Tensor& lse, double scale, int mode, double eps_d) {
+  using A = at::opmath_type<T>;
+  const int64_t BH = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), d = q.size(3);
+  const auto opt = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const A eps = static_cast<A>(eps_d);
+  at::Tensor Qn = at::empty({BH, Nq, d}, opt), Kn = at::empty({BH, Nk, d}, opt), Vn = at::empty({BH, Nk, d}, opt);
+  gather_rows<T, A>(q, Qn.data_ptr<A>(), mode != kNone, eps, static_cast<A>(scale));  // scale folded into q
+  gather_rows<T, A>(k, Kn.data_ptr<A>(), mode != kNone, eps, A(1));
+  gather_rows<T, A>(v, Vn.data_ptr<A>(), mode == kQKV, eps, A(1));
+  const bool bounded = use_logit_bound(mode, d, scale);
+  const A bound = static_cast<A>(static_cast<double>(d) * scale);
+  const Blocking blk = plan_blocks(BH, Nq, Nk);
+  at::Tensor S_buf = at::empty({blk.heads * blk.rows * Nk}, opt);
+  at::Tensor O_buf = at::empty({blk.heads * blk.rows * d}, opt);
+  A* lse_p = lse.data_ptr<A>();
+  for (int64_t h0 = 0; h0 < BH; h0 += blk.heads) {
+    const int64_t hb = std::min(blk.heads, BH - h0);
+    for (int64_t q0 = 0; q0 < Nq; q0 += blk.rows) {
+      const int64_t qb = std::min(blk.rows, Nq - q0);
+      at::Tensor S = S_buf.narrow(0, 0, hb * qb * Nk).view({hb, qb, Nk});
+      at::bmm_out(S, Qn.narrow(0, h0, hb).narrow(1, q0, qb), Kn.narrow(0, h0, hb).transpose(1, 2));
+      A* Sp = S.data_ptr<A>();
+      at::parallel_for(0, hb * qb, std::max<int64_t>(1, 16384 / Nk), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          A* row = Sp + r * Nk;
+          const A m = bounded ? bound : simd::row_max(row, Nk);
+          const A sum = simd::exp_shift_sum(row, Nk, m);
+          simd::scale_inplace(row, Nk, A(1) / sum);
+          lse_p[(h0 + r / qb) * Nq + q0 + r % qb] = m + std::log(sum);
+        }
+      });
+      at::Tensor O = O_buf.narrow(0, 0, hb * qb * d).view({hb, qb, d});
+      at::bmm_out(O, S, Vn.narrow(0, h0, hb));
+      scatter_block<T, A>(O.const_data_ptr<A>(), out, h0, hb, q0, qb);
+    }
+  }
+}
+
+template <typename T>
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse_in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                        double scale, int mode, double eps_d) {
+  using A = at::opmath_type<T>;
+  const int64_t BH = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), d = q.size(3);
+  const auto opt = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const A eps = static_cast<A>(eps_d);
+  at::Tensor Qn = at::empty({BH, Nq, d}, opt), Kn = at::empty({BH, Nk, d}, opt), Vn = at::empty({BH, Nk, d}, opt);
+  gather_rows<T, A>(q, Qn.data_ptr<A>(), mode != kNone, eps, static_cast<A>(scale));
+  gather_rows<T, A>(k, Kn.data_ptr<A>(), mode != kNone, eps, A(1));
+  gather_rows<T, A>(v, Vn.data_ptr<A>(), mode == kQKV, eps, A(1));
+  at::Tensor dO = at::empty({BH, Nq, d}, opt), Ob = at::empty({BH, Nq, d}, opt);
+  gather_rows<T, A>(grad_out, dO.data_ptr<A>(), false, eps, A(1));
+  gather_rows<T, A>(out, Ob.data_ptr<A>(), false, eps, A(1));
+  // delta_i = sum_c dO_ic O_ic = sum_j P_ij dP_ij (the softmax-backward row term)
+  at::Tensor delta = at::empty({BH * Nq}, opt);
+  {
+    const A* dOp = dO.const_data_ptr<A>();
+    const A* Op = Ob.const_data_ptr<A>();
+    A* dp = delta.data_ptr<A>();
+    at::parallel_for(0, BH * Nq, row_grain(d), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) dp[r] = simd::dot(dOp + r * d, Op + r * d, d);
+    });
+  }
+  const at::Tensor lse = lse_in.to(opt.dtype()).contiguous();
+  at::Tensor dQn = at::empty({BH, Nq, d}, opt), dKn = at::zeros({BH, Nk, d}, opt), dVn = at::zeros({BH, Nk, d}, opt);
+  const Blocking blk = plan_blocks(BH, Nq, Nk);
+  at::Tensor P_buf = at::empty({blk.heads * blk.rows * Nk}, opt);
+  at::Tensor dP_buf = at::empty({blk.heads * blk.rows * Nk}, opt);
+  const A* lse_p = lse.const_data_ptr<A>();
+  const A* delta_p = delta.const_data_ptr<A>();
+  for (int64_t h0 = 0; h0 < BH; h0 += blk.heads) {
+    const int64_t hb = std::min(blk.heads, BH - h0);
+    at::Tensor Kh = Kn.narrow(0, h0, hb), Vh = Vn.narrow(0, h0, hb);
+    at::Tensor dKh = dKn.narrow(0, h0, hb), dVh = dVn.narrow(0, h0, hb);
+    for (int64_t q0 = 0; q0 < Nq; q0 += blk.rows) {
+      const int64_t qb = std::min(blk.rows, Nq - q0);
+      at::Tensor Qb = Qn.narrow(0, h0, hb).narrow(1, q0, qb);
+      at::Tensor dOb = dO.narrow(0, h0, hb).narrow(1, q0, qb);
+      at::Tensor P = P_buf.narrow(0, 0, hb * qb * Nk).view({hb, qb, Nk});
+      at::Tensor dP = dP_buf.narrow(0, 0, hb * qb * Nk).view({hb, qb, Nk});
+      at::bmm_out(P, Qb, Kh.transpose(1, 2));
+      at::bmm_out(dP, dOb, Vh.transpose(1, 2));
+      A* Pp = P.data_ptr<A>();
+      A* dPp = dP.data_ptr<A>();
+      at::parallel_for(0, hb * qb, std::max<int64_t>(1, 16384 / Nk), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t i = (h0 + r / qb) * Nq + q0 + r % qb;
+          simd::exp_shift(Pp + r * Nk, Nk, lse_p[i]);                       // P = exp(S - lse)
+          simd::softmax_grad(Pp + r * Nk, dPp + r * Nk, Nk, delta_p[i]);    // dS = P o (dP - delta)
+        }
+      });
+      dVh.baddbmm_(P.transpose(1, 2), dOb);   // dV_hat += P^T dO
+      dKh.baddbmm_(dP.transpose(1, 2), Qb);   // dK_hat += dS^T (scale q_hat)
+      at::Tensor dQb = dQn.narrow(0, h0, hb).narrow(1, q0, qb);
+      if (qb == Nq) {
+        at::bmm_out(dQb, dP, Kh);             // d(scale q_hat) = dS K_hat
+      } else {
+        dQb.copy_(at::bmm(dP, Kh));
+      }
+    }
+  }
+  // dL/dq_hat = scale * dL/d(scale q_hat)
+  normalize_backward<T, A>(q, dQn.const_data_ptr<A>(), dq, mode != kNone, eps, static_cast<A>(scale));
+  normalize_backward<T, A>(k, dKn.const_data_ptr<A>(), dk, mode != kNone, eps, A(1));
+  normalize_backward<T, A>(v, dVn.const_data_ptr<A>(), dv, mode == kQKV, eps, A(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out,
+                                            at::Tensor out_view, double scale, int mode, double eps) {
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(accumulate_type(q.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "normalized_attention_fwd_cpu",
+                                  [&] { attention_forward<scalar_t>(q, k, v, out_view, lse, scale, mode, eps); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     double scale, c10::string_view normalize, double eps) {
+  check_attention(q, k, v, scale, eps);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  return fwd_into(q, k, v, out, out, scale, parse_normalize(normalize), eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const at::Tensor& out, const at::Tensor& lse,
+                                                                 double scale, c10::string_view normalize, double eps) {
+  check_attention(q, k, v, scale, eps);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "cm_kernels.normalized_attention_bwd: grad_out/out shape mismatch");
+  const int mode = parse_normalize(normalize);
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  const at::Tensor g = grad_out.to(q.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "normalized_attention_bwd_cpu",
+                                  [&] { attention_backward<scalar_t>(g, q, k, v, out, lse, dq, dk, dv, scale, mode, eps); });
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_cpu(const at::Tensor& qkv, int64_t num_heads, double scale,
+                                                         c10::string_view normalize, double eps) {
+  const auto parts = split_qkv(qkv, num_heads);
+  check_attention(parts[0], parts[1], parts[2], scale, eps);
+  at::Tensor out = at::empty({qkv.size(0), qkv.size(1) / 3, qkv.size(2)}, qkv.options());
+  return fwd_into(parts[0], parts[1], parts[2], out, heads_view(out, num_heads), scale, parse_normalize(normalize), eps);
+}
+
+at::Tensor attention_qkv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                 const at::Tensor& lse, int64_t num_heads, double scale, c10::string_view normalize,
+                                 double eps) {
+  const auto parts = split_qkv(qkv, num_heads);
+  check_attention(parts[0], parts[1], parts[2], scale, eps);
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes() && out.size(1) * 3 == qkv.size(1), "cm_kernels.normalized_attention_qkv_bwd: grad_out/out shape mismatch");
+  const int mode = parse_normalize(normalize);
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  auto dparts = split_qkv(dqkv, num_heads);
+  const at::Tensor g = heads_view(grad_out.to(qkv.scalar_type()), num_heads);
+  const at::Tensor o = heads_view(out, num_heads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "normalized_attention_qkv_bwd_cpu", [&] {
+    attention_backward<scalar_t>(g, parts[0], parts[1], parts[2], o, lse, dparts[0], dparts[1], dparts[2], scale, mode, eps);
+  });
+  return dqkv;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cm_kernels, CPU, m) {
+  m.impl("normalized_attention_fwd", &attention_fwd_cpu);
+  m.impl("normalized_attention_bwd", &attention_bwd_cpu);
+  m.impl("normalized_attention_qkv_fwd", &attention_qkv_fwd_cpu);
+  m.impl("normalized_attention_qkv_bwd", &attention_qkv_bwd_cpu);
+}
+
+}  // namespace cm_kernels
