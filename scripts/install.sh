@@ -13,18 +13,22 @@ if [ ! -x .venv/bin/python ]; then
     echo "[install] creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+    # The machine's pip config lists local indexes that may be absent; drop only those warnings.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" \
+        2> >(grep -v "^WARNING: Location 'file://" >&2)
+}
 
 echo "[install] $TORCH_SPEC, build and test tools"
-"${PIP[@]}" "$TORCH_SPEC" "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
+pip_install "$TORCH_SPEC" "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
     "pytest>=7" "scipy>=1.9" "matplotlib>=3.7"
 
-# Lower packages first: cm-kernels is the leaf of the dependency graph (see DESIGN.md).
+# Lower packages first, down the dependency graph of DESIGN.md (cm-kernels is the leaf).
 # --no-build-isolation: the C++ extension must build against the torch installed above.
-for pkg in cm-kernels cm-core; do
-    if [ -f "packages/$pkg/pyproject.toml" ]; then
-        echo "[install] packages/$pkg"
-        "${PIP[@]}" --no-build-isolation -e "packages/$pkg"
+for pkg in packages/cm-kernels packages/cm-core packages/cm-nets packages/cm-eval packages/cm-train tools; do
+    if [ -f "$pkg/pyproject.toml" ]; then
+        echo "[install] $pkg"
+        pip_install --no-build-isolation -e "$pkg"
     fi
 done
 .venv/bin/python -c "import cm_core; print('[install] ok: cm_core', cm_core.__version__)"
