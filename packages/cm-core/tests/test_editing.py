@@ -135,7 +135,7 @@ def test_operator_errors():
 
 def _algorithm4_inpaint(f, y, mask, sigmas, z, generator):
     """CM Algorithm 4 for inpainting, written out (noise drawn in order, float32 then cast)."""
-    x = sigmas[0] * z
+    x = y * mask + sigmas[0] * z
     for i, s in enumerate(sigmas):
         if i > 0:
             x = x + math.sqrt(s**2 - SMIN**2) * torch.randn(x.shape, generator=generator).to(x)
@@ -301,3 +301,14 @@ def test_interpolate_errors():
             interpolate(f, z, z, bad, [80.0])
     with pytest.raises(ValueError, match="alphas"):
         interpolate(f, z, z, [], [80.0])
+
+
+def test_interpolation_replays_the_same_renoising_for_every_alpha():
+    y = _images(30, (2, 3, 4, 4))
+    f = _gaussian_f(y.shape[1:])
+    z1 = torch.randn(y.shape, generator=_gen(31), dtype=torch.float64)
+    z2 = torch.randn(y.shape, generator=_gen(32), dtype=torch.float64)
+    path = interpolate(f, z1, z2, [0.0, 0.5, 0.5, 1.0], SIGMAS, generator=_gen(33))
+    torch.testing.assert_close(path[1], path[2])  # same α → same sample
+    alone = interpolate(f, z1, z2, [0.5], SIGMAS, generator=_gen(33))
+    torch.testing.assert_close(path[1], alone[0])

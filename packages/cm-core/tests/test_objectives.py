@@ -110,14 +110,14 @@ def _masks(spy):
     return out
 
 
-@pytest.mark.parametrize("name", ["ict", "ect"])
-def test_student_and_target_share_the_dropout_mask(name):
+@pytest.mark.parametrize("name, step", [("ict", 50), ("ect", 0), ("ect", 50)])
+def test_student_and_target_share_the_dropout_mask(name, step):
+    # ECT at stage 0 has r = 0 for most samples: the mask must still match row by row.
     obj = {"ict": lambda: ImprovedConsistencyTraining(100), "ect": lambda: EasyConsistencyTuning(1)}[name]()
     spy = Spy(ConsistencyFunction(MaskNet(), boundary="edm"))
     x0 = _x0(256)
-    obj(spy, x0, step=50, generator=torch.Generator().manual_seed(2))
+    obj(spy, x0, step=step, generator=torch.Generator().manual_seed(2))
     target_mask, student_mask = _masks(spy)[-2:]
-    # (ECT at stage 50 has r > 0 for every sample, so its target call covers the whole batch.)
     assert target_mask.shape == student_mask.shape and torch.equal(target_mask, student_mask)
     assert set(student_mask.unique().tolist()) == {0.0, 2.0}  # a real mask was drawn
     # Without the replay, two calls draw different masks.
@@ -277,6 +277,27 @@ def test_edm_loss_of_the_exact_denoiser_is_one():
     assert abs(loss.mean().item() - 1) < 5 * math.sqrt(0.5 / 20_000)
 
 
+def test_cdm_chains_are_independent_and_follow_euler_maruyama():
+    calls = []
+
+    def den(x, s, **c):
+        calls.append((x.clone(), torch.as_tensor(s).clone()))
+        return MIX.denoise(x, s)
+
+    x0 = MIX.sample(8, torch.Generator().manual_seed(20))
+    ConsistentDiffusion(chain_steps=3)(den, x0, generator=torch.Generator().manual_seed(21))
+    (x_sigma, sigma), (x_a, t_a), (x_b, t_b), (x_end, t_end) = calls
+    # Both chains start at the same x_σ and end at different points (independent noise).
+    torch.testing.assert_close(x_a, torch.cat([x_sigma, x_sigma]))
+    assert not torch.allclose(x_end[:8], x_end[8:])
+    # Re-derive the first Euler–Maruyama step: x' = x + 2(t' − t)·d + √(2|t − t'|·t)·n, so
+    # (x' − x − 2(t'−t)d)/√(2|t−t'|t) must be standard normal noise.
+    d = (x_a - MIX.denoise(x_a, t_a)) / t_a[:, None]
+    noise = (x_b - x_a - 2 * (t_b - t_a)[:, None] * d) / (2 * (t_a - t_b).abs() * t_a).sqrt()[:, None]
+    assert noise.abs().max() < 6 and 0.3 < noise.std() < 2.0
+    assert (t_b < t_a).all() and (t_end <= t_b).all()
+
+
 def test_cdm_martingale_term_is_near_zero_for_the_exact_denoiser():
     x0 = MIX.sample(4000, torch.Generator().manual_seed(11))
     loss, stats = ConsistentDiffusion()(MIX.as_denoiser(), x0, generator=torch.Generator().manual_seed(12))
@@ -309,3 +330,13 @@ def test_registry_and_errors():
         ConsistencyTraining(10, metric="l3")
     with pytest.raises(ValueError, match="too small"):
         ImprovedConsistencyTraining(3)(ConsistencyFunction(TinyNet()), _x0(), step=0)
+
+
+def test_step_counts_accept_numpy_and_torch_integers():
+    import numpy as np
+    from cm_core import ct_num_scales, ict_num_scales
+
+    assert ct_num_scales(np.int64(5), 100) == ct_num_scales(5, 100)
+    assert ict_num_scales(torch.tensor(5), 100) == ict_num_scales(5, 100)
+    with pytest.raises(TypeError, match="step"):
+        ct_num_scales(2.5, 100)

@@ -130,6 +130,8 @@ def test_bcm_inversion_with_noise_stays_close(g):
         (lambda f, z: multistep_sample(f, z, [0.5, 80.0]), "decreasing"),
         (lambda f, z: multistep_sample(f, z, []), "at least one"),
         (lambda f, z: multistep_sample(f, z, [80.0, -1.0]), "sigmas"),
+        (lambda f, z: multistep_sample(f, z, [80.0, 0.0]), "sigma_min"),
+        (lambda f, z: multistep_sample(f, z, [80.0, 0.001]), "sigma_min"),
         (lambda f, z: multistep_sample(f, z, [80.0], renoise="ddim"), "renoise"),
         (lambda f, z: multistep_sample(f, torch.zeros(0, 2), [80.0]), "z must"),
         (lambda f, z: onestep_sample(f, z, sigma_max=0.0), "sigma_max"),
@@ -168,3 +170,39 @@ def test_diffusers_style_scheduler_equals_multistep_sample():
         sched.set_timesteps(2, sigmas=[80.0, 1.0])
     with pytest.raises(ValueError, match="strictly increasing"):
         sched.set_timesteps(timesteps=[0, 50])
+
+
+def test_scheduler_spacing_and_float32_timesteps():
+    from cm_core import ConsistencyScheduler, karras_sigmas
+
+    sched = ConsistencyScheduler(num_train_timesteps=40)
+    sched.set_timesteps(40)
+    grid = karras_sigmas(40).flip(0)
+    torch.testing.assert_close(sched.sigmas, grid)  # every grid point, σ_max first
+    sched.set_timesteps(2)
+    torch.testing.assert_close(sched.sigmas, grid[[0, 20]])  # diffusers: i·(N // n)
+    x = torch.zeros(1, 3)
+    t32 = sched.timesteps[1].float()  # a pipeline hands the timestep back in float32
+    out = sched.step(torch.zeros(1, 3), t32, x).prev_sample
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="not one of"):
+        sched.step(torch.zeros(1, 3), 123.0, x)
+    with pytest.raises(ValueError, match="sigma_min"):
+        sched.set_timesteps(sigmas=[80.0, 0.0])
+
+
+def test_half_precision_inputs_keep_python_sigmas_exact():
+    from cm_core import ConsistencyFunction
+
+    seen = []
+
+    def net(x_in, c_noise, **cond):
+        seen.append(c_noise)
+        return torch.zeros_like(x_in)
+
+    f = ConsistencyFunction(net)
+    x = torch.ones(2, 3, dtype=torch.bfloat16)
+    f(x, 2.4)
+    # ln(2.4)/4 from the exact 2.4, not from bf16's 2.40625.
+    assert abs(seen[0][0].item() - math.log(2.4) / 4) < 1e-6
+    assert torch.equal(f(x, 0.002), x)

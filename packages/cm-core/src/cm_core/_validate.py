@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -23,13 +24,14 @@ def non_negative(name: str, value: float) -> float:
 
 
 def integer_at_least(name: str, value: int, low: int) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int,))
-        and not (isinstance(value, float) and value.is_integer())
-    ):
+    if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        value = operator.index(value)  # int, numpy and 0-d torch integers
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
@@ -46,9 +48,9 @@ def sigma_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
 def sigma_tensor(name: str, sigma, like: torch.Tensor | None = None) -> torch.Tensor:
     """σ as a tensor (a scalar, or one value per sample); negative or non-finite → error."""
     if not torch.is_tensor(sigma):
-        dtype = like.dtype if like is not None and like.is_floating_point() else torch.float64
+        # Python numbers become float64, never x's half dtype (bf16 would turn 2.4 into 2.40625).
         device = like.device if like is not None else None
-        sigma = torch.as_tensor(sigma, dtype=dtype, device=device)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device)
     if not sigma.is_floating_point():
         sigma = sigma.to(torch.get_default_dtype())
     if sigma.numel() and (not torch.isfinite(sigma).all() or (sigma < 0).any()):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _validate as check
-from .samplers import RENOISE_RULES, _check_z, _clip, _randn, multistep_sample
+from .samplers import _check_end, _check_z, _clip, _randn, multistep_sample, renoise_rule
 
 __all__ = [
     "LinearOperator",
@@ -163,17 +163,19 @@ def edit(
     clip: float | None = None,
     sigma_min: float = 0.002,
     renoise: str = "cm",
-    start: str = "noise",
+    start: str = "known",
     **cond,
 ) -> torch.Tensor:
     """Algorithm 4 of the CM paper: multistep sampling with the known part replaced each step.
 
     ``known`` is a mask in the operator's space (1 = keep y's coefficient); defaults to the
-    operator's own. ``start="noise"`` starts from σ_0·z (as openai's code); ``"reference"`` from
-    y + σ_0·z (stroke-guided editing, SDEdit-style).
+    operator's own. The start point: ``"known"`` (the paper) y's known part + σ_0·z;
+    ``"noise"`` σ_0·z alone (openai's code); ``"reference"`` all of y + σ_0·z (stroke-guided
+    editing, SDEdit-style).
     """
-    y = _check_z(y)
+    y = _check_z(y, "y")
     ts = check.sigma_list("sigmas", sigmas, decreasing=True)
+    _check_end(ts, check.non_negative("sigma_min", sigma_min))
     if known is None:
         known = operator.known_mask(y)
     known = torch.as_tensor(known, dtype=y.dtype, device=y.device)
@@ -183,15 +185,15 @@ def edit(
         raise ValueError(f"mask shape {tuple(known.shape)} does not match the image shape {tuple(y.shape)}") from None
     if ((known != 0) & (known != 1)).any():
         raise ValueError("mask must hold only 0 (generate) and 1 (known)")
-    if start not in ("noise", "reference"):
-        raise ValueError(f"start must be 'noise' or 'reference', got {start!r}")
-    rule = RENOISE_RULES[renoise]
+    if start not in ("known", "noise", "reference"):
+        raise ValueError(f"start must be 'known', 'noise' or 'reference', got {start!r}")
+    rule = renoise_rule(renoise)
     if z is None:
         z = _randn(y, generator)
     elif z.shape != y.shape:
         raise ValueError(f"z shape {tuple(z.shape)} must equal y's shape {tuple(y.shape)}")
     y_known = operator.replace(y, torch.zeros_like(y), known)
-    x = ts[0] * z + (y if start == "reference" else 0)
+    x = ts[0] * z + {"known": y_known, "noise": 0, "reference": y}[start]
     for i, sigma in enumerate(ts):
         if i > 0:
             x = x + rule(sigma, sigma_min) * _randn(x, generator)
@@ -248,4 +250,12 @@ def interpolate(f, z1: torch.Tensor, z2: torch.Tensor, alphas: Sequence[float], 
     for a in alphas:
         if not 0 <= float(a) <= 1 or math.isnan(float(a)):
             raise ValueError(f"alphas must lie in [0, 1], got {list(alphas)}")
-    return torch.stack([multistep_sample(f, slerp(z1, z2, a), sigmas, **kw) for a in alphas])
+    generator = kw.pop("generator", None)
+    state = generator.get_state() if generator is not None else None
+    out = []
+    for a in alphas:
+        # Every α replays the same re-noising draws, so the path varies only through the noise z.
+        if generator is not None:
+            generator.set_state(state)
+        out.append(multistep_sample(f, slerp(z1, z2, a), sigmas, generator=generator, **kw))
+    return torch.stack(out)

@@ -65,8 +65,9 @@ def pseudo_huber_reference(pred: torch.Tensor, target: torch.Tensor, c: float) -
     """√(‖pred − target‖² + c²) − c per sample, accumulated in at least fp32."""
     _pair(pred, target)
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    diff = (pred.to(acc) - target.to(acc)).flatten(1)
-    return (diff.square().sum(1) + c * c).sqrt() - c
+    s = (pred.to(acc) - target.to(acc)).flatten(1).square().sum(1)
+    # s/(√(s + c²) + c) equals √(s + c²) − c without cancellation when s ≪ c².
+    return s / ((s + c * c).sqrt() + c)
 
 
 _KERNEL = None
@@ -115,6 +116,10 @@ class LPIPS(nn.Module):
     then not perceptual). ``head_weights``: the LPIPS linear heads (``lin0..lin4``), a path, or
     ``"lpips"`` to read ``weights/v0.1/vgg.pth`` from the installed ``lpips`` package; ``None``
     uses uniform heads. Inputs are images in [−1, 1]; openai upsamples to 224 first (``resize``).
+
+    This is the ``lpips`` package's network (max pooling, inputs in [−1, 1]). openai's CD
+    checkpoints were trained with ``piq.LPIPS(replace_pooling=True)`` (average pooling, inputs
+    in [0, 1]); its numbers differ slightly, so CD runs reproduce that code only approximately.
     """
 
     _VGG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import _validate as check
+from ._random import randn_like as _randn
 
 __all__ = [
     "onestep_sample",
@@ -28,17 +29,20 @@ __all__ = [
 ConsistencyFn = Callable[..., torch.Tensor]
 
 
-def _randn(x: torch.Tensor, generator) -> torch.Tensor:
-    # torch.randn(x.shape, generator=generator) in the default dtype on the generator's device,
-    # then moved: the same noise for a seed whatever x's dtype or device.
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device).to(x)
-
-
-def _check_z(z) -> torch.Tensor:
+def _check_z(z, name: str = "z") -> torch.Tensor:
     if not torch.is_tensor(z) or z.ndim < 1 or z.shape[0] == 0 or not z.is_floating_point():
-        raise ValueError("z must be a floating-point tensor of shape [B, ...] with B >= 1")
+        raise ValueError(f"{name} must be a floating-point tensor of shape [B, ...] with B >= 1")
     return z
+
+
+def _check_end(ts: list[float], sigma_min: float) -> None:
+    # Below σ_min the shifted boundary scalings turn negative (c_out(0) = −σ_min) and c_noise(0)
+    # is −inf: end the list at σ_min (a list ending in 0 is EDM's, not a consistency model's).
+    if ts[-1] < sigma_min or ts[-1] <= 0:
+        raise ValueError(
+            f"sigmas must end at or above sigma_min={sigma_min} and above 0, got last value {ts[-1]}; "
+            "drop a trailing 0 (EDM-style lists) or lower sigma_min"
+        )
 
 
 def _clip(x: torch.Tensor, clip):
@@ -63,6 +67,13 @@ def _renoise_ect(sigma: float, sigma_min: float) -> float:
 RENOISE_RULES = {"cm": _renoise_cm, "ect": _renoise_ect}
 
 
+def renoise_rule(name: str):
+    try:
+        return RENOISE_RULES[name]
+    except KeyError:
+        raise ValueError(f"renoise must be one of {sorted(RENOISE_RULES)}, got {name!r}") from None
+
+
 def multistep_sample(
     f: ConsistencyFn,
     z: torch.Tensor,
@@ -83,12 +94,8 @@ def multistep_sample(
     z = _check_z(z)
     ts = check.sigma_list("sigmas", sigmas, decreasing=True)
     sigma_min = check.non_negative("sigma_min", sigma_min)
-    if ts[0] <= 0:
-        raise ValueError(f"sigmas[0] must be > 0, got {ts[0]}")
-    try:
-        rule = RENOISE_RULES[renoise]
-    except KeyError:
-        raise ValueError(f"renoise must be one of {sorted(RENOISE_RULES)}, got {renoise!r}") from None
+    _check_end(ts, sigma_min)
+    rule = renoise_rule(renoise)
     x = _clip(f(ts[0] * z, ts[0], **cond), clip)
     for sigma in ts[1:]:
         x = x + rule(sigma, sigma_min) * _randn(x, generator)
@@ -184,7 +191,7 @@ def bcm_invert(
 
     Returns the latent at the last σ (80 by default); divide by it for a unit-variance noise.
     """
-    x = _check_z(x)
+    x = _check_z(x, "x")
     ts = [float(s) for s in sigmas]
     if len(ts) < 2 or any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] <= 0:
         raise ValueError(f"sigmas must be positive and strictly increasing for inversion, got {ts}")
@@ -197,7 +204,7 @@ def bcm_reconstruct(
     f: ConsistencyFn, latent: torch.Tensor, sigmas: Sequence[float] = (80.0, 0.002), *, clip=None, **cond
 ) -> torch.Tensor:
     """Reconstruction from an inverted latent (already at sigmas[0]): jumps down to sigmas[-1]."""
-    latent = _check_z(latent)
+    latent = _check_z(latent, "latent")
     ts = check.sigma_list("sigmas", sigmas, decreasing=True)
     if len(ts) < 2:
         raise ValueError(f"sigmas must hold at least a start and an end, got {ts}")

@@ -84,8 +84,9 @@ class ConsistencyScheduler:
             n = check.integer_at_least("num_inference_steps", num_inference_steps, 1)
             if n > self.num_train_timesteps:
                 raise ValueError(f"num_inference_steps={n} exceeds num_train_timesteps={self.num_train_timesteps}")
-            # Evenly spaced indices that keep σ_max; the last one stays above σ_min.
-            timesteps = [math.floor(i * (self.num_train_timesteps - 1) / n) for i in range(n)]
+            # diffusers' spacing: indices 0, r, 2r, … with r = N // n (σ_max first).
+            ratio = self.num_train_timesteps // n
+            timesteps = [i * ratio for i in range(n)]
         if timesteps is not None:
             idx = [int(i) for i in timesteps]
             if any(i < 0 or i >= self.num_train_timesteps for i in idx) or any(b <= a for a, b in zip(idx, idx[1:])):
@@ -95,6 +96,8 @@ class ConsistencyScheduler:
             values = grid[idx]
         else:
             values = torch.tensor(check.sigma_list("sigmas", sigmas, decreasing=True), dtype=torch.float64)
+            if values[-1] < self.sigma_min:
+                raise ValueError(f"sigmas must end at or above sigma_min={self.sigma_min}, got {values[-1].item()}")
         self.sigmas = values
         self.timesteps = C_NOISE_CONVENTIONS[self.c_noise](values)
         self._index = 0
@@ -102,10 +105,13 @@ class ConsistencyScheduler:
     def _sigma(self, timestep) -> float:
         if self.sigmas is None:
             raise RuntimeError("call set_timesteps(...) before sampling")
-        hits = (self.timesteps - torch.as_tensor(timestep, dtype=torch.float64).flatten()[0]).abs() < 1e-6
-        if not hits.any():
+        value = torch.as_tensor(timestep, dtype=torch.float64).flatten()[0]
+        gap = (self.timesteps - value).abs()
+        # Tolerant match: pipelines often pass the timestep back as float32 (≈1e-5 relative error).
+        index = int(gap.argmin())
+        if gap[index] > 1e-4 * (1 + value.abs()):
             raise ValueError(f"timestep {float(timestep)} is not one of this scheduler's timesteps")
-        self._index = int(hits.nonzero()[0])
+        self._index = index
         return float(self.sigmas[self._index])
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import _validate as check
+from ._random import randn_like
 
 __all__ = ["euler_step", "heun_step", "solve", "SOLVERS"]
 
@@ -106,7 +107,7 @@ def solve(
         if s_churn > 0 and s_tmin <= t_cur <= s_tmax:
             gamma = min(s_churn / n, math.sqrt(2) - 1)
             t_hat = t_cur * (1 + gamma)
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            eps = randn_like(x, generator)
             x = x + math.sqrt(t_hat**2 - t_cur**2) * s_noise * eps
             t_cur = t_hat
         if t_cur == 0:

@@ -7,17 +7,15 @@ import contextlib
 import torch
 from torch import nn
 
+from .._random import randn_like
+
+__all__ = ["SharedRandomness", "bcast", "check_batch", "frozen_call", "rand", "randn_like", "stats_of"]
+
 
 def check_batch(x0) -> torch.Tensor:
     if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.ndim < 1 or x0.shape[0] == 0:
         raise ValueError("x0 must be a floating-point tensor of shape [B, ...] with B >= 1")
     return x0
-
-
-def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
-    """N(0, I) noise shaped like x, drawn from ``generator`` on its own device."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device).to(x)
 
 
 def rand(n: int, x: torch.Tensor, generator) -> torch.Tensor:

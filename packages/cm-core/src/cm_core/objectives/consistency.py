@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from ..losses import LPIPS, distance, pseudo_huber, weighting
+from ..losses import LPIPS, distance, l2_norm, pseudo_huber, weighting
 from ..schedules import ct_num_scales, ect_r, ect_stage, ict_num_scales, karras_sigmas
 from ..timesteps import ICT_P_MEAN, ICT_P_STD, lognormal_indices, lognormal_sigmas, uniform_indices
 from ._common import SharedRandomness, bcast, check_batch, randn_like, stats_of
@@ -69,7 +69,7 @@ class _DiscreteConsistency:
         with torch.no_grad():
             x_t = self.target_point(f, x0, z, t, t_next, **cond)
             with rng.replay():
-                target = (self.target or f)(x_t, t, **cond)
+                target = (f if self.target is None else self.target)(x_t, t, **cond)
         with rng.replay():
             pred = f(x_next, t_next, **cond)
         lam = weighting(self.weight, t_next, t, self.sigma_data).to(pred.dtype)
@@ -220,23 +220,23 @@ class EasyConsistencyTuning:
         r = ect_r(t, stage, self.q, self.k, self.b)
         eps = randn_like(x0, generator)
         rng = SharedRandomness(x0.device)
+        live = r > 0
         with torch.no_grad():
-            target = x0.clone()
-            live = r > 0
+            target = x0
             if live.any():
+                # The whole batch runs, so every row gets the student's dropout mask; rows with
+                # r = 0 are evaluated at t (any valid σ) and then replaced by y itself.
+                r_eval = torch.where(live, r, t)
+                net = f if self.target is None else self.target
                 with rng.replay():
-                    out = (self.target or f)(
-                        x0[live] + bcast(r[live], x0[live]) * eps[live],
-                        r[live],
-                        **{k: v[live] if torch.is_tensor(v) else v for k, v in cond.items()},
-                    )
-                target[live] = torch.nan_to_num(out)
+                    out = net(x0 + bcast(r_eval, x0) * eps, r_eval, **cond)
+                target = torch.where(bcast(live, x0).bool(), out, x0)
         with rng.replay():
             pred = f(x0 + bcast(t, x0) * eps, t, **cond)
         if self.c > 0:
             dist = pseudo_huber(pred, target, self.c)
         else:
-            dist = (pred.float() - target.float()).flatten(1).norm(dim=1)
+            dist = l2_norm(pred, target)
         lam = weighting(self.weight, t, r, self.sigma_data).to(dist.dtype)
         return lam * dist, stats_of(sigma=t, r=r, stage=stage, weight=lam)
 

@@ -20,7 +20,11 @@ def _edm_sigma(x0, generator, p_mean, p_std):
 
 class EDMDenoising:
     """EDM's loss (Karras et al. 2022, eq. 8 with Table 1): ln σ ~ N(P_mean, P_std²),
-    λ(σ) = (σ² + σ_d²)/(σ·σ_d)², loss = λ·mean((D(y + σn, σ) − y)²) per sample."""
+    λ(σ) = (σ² + σ_d²)/(σ·σ_d)², loss = λ·mean((D(y + σn, σ) − y)²) per sample.
+
+    The mean over a sample's elements (EDM sums them) keeps losses comparable across resolutions;
+    Adam-type optimizers are invariant to that constant factor, so EDM's learning rates carry over.
+    """
 
     def __init__(self, *, p_mean=EDM_P_MEAN, p_std=EDM_P_STD, sigma_data=0.5):
         self.p_mean, self.p_std = float(p_mean), check.positive("p_std", p_std)
