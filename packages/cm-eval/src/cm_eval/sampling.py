@@ -1,0 +1,232 @@
+"""Deterministic sampling at scale: image i comes from its own seed (EDM's ``--seeds=0-49999``).
+
+Every random number of image i — its initial noise z, its class label, every re-noising ε —
+is drawn from ``torch.Generator().manual_seed(seed_i)`` on the CPU, in a fixed order. So an
+image does not depend on the batch it lands in, on the number of ranks, on the device, or on
+which images were already written when a run resumes.
+
+Output: a folder of ``{seed:06d}.png`` files, or one ``.npz`` with ``arr_0`` (uint8 NHWC, as
+ADM's sample batches), ``arr_1`` (labels, when class-conditional) and ``seeds``. Every file is
+written atomically; an ``.npz`` run keeps per-batch shards in ``<out>.parts/`` until the end so
+that it can resume too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from cm_core.samplers import RENOISE_RULES
+
+from ._io import atomic_save_npz, save_png
+from .features import to_uint8
+
+__all__ = ["parse_seeds", "PerImageNoise", "SAMPLERS", "sample_batch", "generate"]
+
+
+def parse_seeds(spec) -> list[int]:
+    """Seeds from "0-49999", "0,3,10-19", an int N (meaning 0..N−1) or a list of ints; unique, in order."""
+    if isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(f"a seed count must be >= 1, got {spec}")
+        return list(range(spec))
+    if isinstance(spec, str):
+        seeds = []
+        for part in spec.split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not m:
+                raise ValueError(f"bad seed list {spec!r}: use e.g. '0-49999' or '0,5,10-19'")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise ValueError(f"bad seed range {part!r}: end < start")
+            seeds.extend(range(lo, hi + 1))
+    else:
+        seeds = [int(s) for s in spec]
+    if len(set(seeds)) != len(seeds) or not seeds or min(seeds) < 0:
+        raise ValueError("seeds must be non-empty, non-negative and unique")
+    return seeds
+
+
+class PerImageNoise:
+    """One CPU generator per image; ``randn(shape)`` stacks one draw per image → [B, *shape]."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.cat([torch.randint(high, (1,), generator=g) for g in self.generators])
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[1:]).to(x)
+
+
+def _clip(x, clip):
+    return x if clip is None else x.clamp(-clip, clip)
+
+
+def _onestep(f, z, sigmas, noise, *, clip=None, **cond):
+    return _clip(f(sigmas[0] * z, sigmas[0], **cond), clip)
+
+
+def _multistep(f, z, sigmas, noise, *, clip=None, sigma_min=0.002, renoise="cm", **cond):
+    # cm_core.multistep_sample's recursion (CM Algorithm 1), with ε from each image's generator.
+    rule = RENOISE_RULES[renoise]
+    x = _clip(f(sigmas[0] * z, sigmas[0], **cond), clip)
+    for sigma in sigmas[1:]:
+        x = _clip(f(x + rule(sigma, sigma_min) * noise.like(x), sigma, **cond), clip)
+    return x
+
+
+def _bcm_chain(f, x, ts, **cond):
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        x = f(x, t_cur, t_next, **cond)
+    return x
+
+
+def _bcm_mixture(f, z, sigmas, noise, *, clip=None, zigzag=(), **cond):
+    # cm_core.bcm_mixture_sample (ancestral chain, then zigzag rounds (σ_noise, σ_up)), per-image ε.
+    x = _clip(_bcm_chain(f, sigmas[0] * z, list(sigmas), **cond), clip)
+    for s_noise, s_up in zigzag:
+        x = _clip(_bcm_chain(f, x + s_noise * noise.like(x), [s_noise, s_up, sigmas[-1]], **cond), clip)
+    return x
+
+
+# name -> sampler(f, z, sigmas, noise, **options); a user callable with this signature works too.
+SAMPLERS: dict[str, Callable] = {
+    "onestep": _onestep,
+    "multistep": _multistep,
+    "bcm": _bcm_mixture,  # ancestral with zigzag=() (default); mixture/zigzag with zigzag pairs
+}
+
+
+@torch.no_grad()
+def sample_batch(
+    f,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    sigmas: Sequence[float],
+    *,
+    sampler="multistep",
+    num_classes: int | None = None,
+    device="cpu",
+    dtype=torch.float32,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples [B, *shape] for ``seeds`` (and their labels when ``num_classes``), deterministic per seed.
+
+    Draw order per image: z ~ N(0, I) of ``shape``, then the label (if any), then the sampler's ε.
+    """
+    fn = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
+    if fn is None:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or a callable, got {sampler!r}")
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[0] <= 0:
+        raise ValueError(f"sigmas must be positive and strictly decreasing, got {sigmas}")
+    noise = PerImageNoise(seeds)
+    z = noise.randn(shape).to(device, dtype)
+    cond = dict(options.pop("cond", {}) or {})
+    labels = None
+    if num_classes is not None:
+        labels = noise.randint(num_classes)
+        cond["class_labels"] = labels.to(device)
+    return fn(f, z, sigmas, noise, **options, **cond), labels
+
+
+def _dist_info():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, lambda: None
+
+
+def generate(
+    f,
+    out,
+    *,
+    seeds,
+    shape: Sequence[int],
+    sigmas: Sequence[float],
+    sampler="multistep",
+    batch_size: int = 64,
+    num_classes: int | None = None,
+    fmt: str | None = None,
+    device="cpu",
+    dtype=torch.float32,
+    progress: Callable | None = None,
+    **options,
+) -> dict:
+    """Generate one image per seed with ``f`` and write them to ``out``, resuming where it stopped.
+
+    ``f``: a consistency function f(x, σ, **cond) (or BCM's f(x, σ, σ_end) for ``sampler="bcm"``)
+    returning images in [-1, 1]. ``out``: a folder (PNG) or a path ending in ``.npz``. Seeds are
+    dealt to ``torch.distributed`` ranks round-robin (rank r takes seeds[r::world]) when a
+    process group is initialized; every rank must call this. Returns counts and the output path.
+    """
+    seeds = parse_seeds(seeds)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    fmt = fmt or ("npz" if out.suffix == ".npz" else "png")
+    if fmt not in ("png", "npz"):
+        raise ValueError(f"fmt must be 'png' or 'npz', got {fmt!r}")
+    rank, world, barrier = _dist_info()
+    mine = seeds[rank::world]
+
+    if fmt == "png":
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [s for s in mine if not (out / f"{s:06d}.png").is_file()]
+    else:
+        if out.is_file():
+            return {"written": 0, "skipped": len(mine), "path": str(out)}
+        parts = out.with_name(out.name + ".parts")
+        parts.mkdir(parents=True, exist_ok=True)
+        done = set()
+        for p in parts.glob("*.npz"):
+            with np.load(p) as shard:
+                done.update(int(s) for s in shard["seeds"])
+        todo = [s for s in mine if s not in done]
+
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in progress(batches) if progress else batches:
+        x, labels = sample_batch(
+            f, batch, shape, sigmas, sampler=sampler, num_classes=num_classes, device=device, dtype=dtype, **options
+        )
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"image output must be [B, 1|3, H, W]; the sampler returned {tuple(x.shape)}")
+        images = to_uint8(x)
+        if fmt == "png":
+            for s, img in zip(batch, images):
+                save_png(out / f"{s:06d}.png", img)
+        else:
+            extra = {} if labels is None else {"labels": labels.numpy()}
+            atomic_save_npz(parts / f"rank{rank}-seed{batch[0]:06d}.npz", seeds=np.array(batch), images=images, **extra)
+    barrier()
+
+    if fmt == "npz" and rank == 0:
+        by_seed, label_by_seed = {}, {}
+        shard_files = sorted(parts.glob("*.npz"))
+        for p in shard_files:
+            with np.load(p) as shard:
+                for i, s in enumerate(shard["seeds"]):
+                    by_seed[int(s)] = shard["images"][i]
+                    if "labels" in shard.files:
+                        label_by_seed[int(s)] = int(shard["labels"][i])
+        missing = [s for s in seeds if s not in by_seed]
+        if missing:
+            raise RuntimeError(f"{len(missing)} seeds have no image after generation (first: {missing[:5]})")
+        arrays = {"arr_0": np.stack([by_seed[s] for s in seeds]), "seeds": np.array(seeds, np.int64)}
+        if label_by_seed:
+            arrays["arr_1"] = np.array([label_by_seed[s] for s in seeds], np.int64)
+        atomic_save_npz(out, **arrays)
+        for p in shard_files:
+            p.unlink()
+        parts.rmdir()
+    barrier()
+    return {"written": len(todo), "skipped": len(mine) - len(todo), "path": str(out)}

@@ -1,0 +1,179 @@
+"""NFE sweeps, the ternary search, reports and plots; the PNG codec; the optional DINOv2 extractor."""
+
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from cm_eval import (
+    best_two_step_sigma,
+    decode_png,
+    encode_png,
+    image_grid,
+    nfe_sweep,
+    plot_metric_vs_nfe,
+    save_sample_grid,
+    ternary_search,
+    write_report,
+)
+from cm_eval._testing import GaussianImages
+
+
+def test_ternary_search_finds_the_minimum_of_a_unimodal_function():
+    calls = []
+
+    def objective(sigma):
+        calls.append(sigma)
+        return (math.log(sigma) - math.log(2.4)) ** 2
+
+    r = ternary_search(objective, 0.05, 20.0, iters=20)
+    assert r["best"] == pytest.approx(2.4, rel=1e-3)
+    assert len(calls) == len(set(calls)) == len(r["evaluations"])  # no point evaluated twice
+    lin = ternary_search(lambda x: abs(x - 0.821), 0.0, 2.0, iters=30, log_space=False)
+    assert lin["best"] == pytest.approx(0.821, abs=1e-4)
+    with pytest.raises(ValueError, match="lo"):
+        ternary_search(objective, 0.0, 1.0)
+
+
+def _moment_distance(shape, target_std):
+    # A cheap stand-in for FID: squared distance of per-pixel mean and std to the data's.
+    f = GaussianImages(shape, std=target_std)
+    mean = f.mixture.means[0].reshape(shape)
+
+    def metric(x):
+        x = x.double()
+        return ((x.mean(0) - mean) ** 2).mean().item() + ((x.std(0) - target_std) ** 2).mean().item()
+
+    return f, metric
+
+
+def test_nfe_sweep_report_and_plot(tmp_path):
+    f, metric = _moment_distance((1, 4, 4), 0.2)
+    # A model that is exact except for a bias at large σ (the 1-step sample is off; re-noising
+    # to small σ and denoising there repairs it), so the metric improves with NFE.
+    biased = lambda x, sigma, **c: f(x, sigma) + (0.3 if sigma > 5 else 0.0)
+    sweep = nfe_sweep(
+        biased,
+        metric,
+        {"karras": [[80.0], [80.0, 1.0], [80.0, 2.0, 0.5]], "other": [[80.0, 3.0]]},
+        seeds=range(256),
+        shape=(1, 4, 4),
+    )
+    values = [row["metric"] for row in sweep["karras"]]
+    assert [row["nfe"] for row in sweep["karras"]] == [1, 2, 3]
+    assert values[0] > 10 * values[1] and values[2] < values[0]
+    report = write_report(tmp_path / "report.json", {"sweep": sweep, "nan": float("nan"), "np": np.float32(1.5)})
+    loaded = json.loads(report.read_text())
+    assert loaded["sweep"]["karras"][1]["sigmas"] == [80.0, 1.0] and loaded["nan"] == "nan" and loaded["np"] == 1.5
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install 'cm-eval[plots]')")
+    png = plot_metric_vs_nfe(sweep, tmp_path / "fd_vs_nfe.png", metric_name="moment distance", log_y=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_best_two_step_sigma_on_a_model_that_is_exact_only_below_a_threshold():
+    f, metric = _moment_distance((1, 4, 4), 0.2)
+    # Exact for σ ≤ 1.5, biased above: the best middle σ lies at or below 1.5, not near the ends.
+    model = lambda x, sigma, **c: f(x, sigma) + (0.5 if sigma > 1.5 else 0.0)
+    r = best_two_step_sigma(model, metric, seeds=range(128), shape=(1, 4, 4), lo=0.01, hi=20.0, iters=6)
+    assert 0.01 < r["best"] <= 1.5 and r["best_value"] < 0.05
+    assert len(r["evaluations"]) <= 2 * 6 + 1
+
+
+def test_png_codec_roundtrip_and_filters(tmp_path):
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (5, 7, 1), (4, 6, 3), (3, 3, 4)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        out = decode_png(encode_png(img))
+        np.testing.assert_array_equal(out.reshape(img.shape), img)
+    assert encode_png(img) == encode_png(img.copy())  # deterministic bytes
+    # Decode a PNG that uses the Sub/Up/Average/Paeth filters (as other encoders write them).
+    img = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8).astype(np.int32)
+    raw, prev = b"", np.zeros(15, np.int32)
+    for y, ftype in enumerate([1, 2, 3, 4]):
+        cur = img[y].reshape(-1)
+        left = np.concatenate([np.zeros(3, np.int32), cur[:-3]])
+        upleft = np.concatenate([np.zeros(3, np.int32), prev[:-3]])
+        if ftype == 1:
+            pred = left
+        elif ftype == 2:
+            pred = prev
+        elif ftype == 3:
+            pred = (left + prev) // 2
+        else:
+            p = left + prev - upleft
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        raw += bytes([ftype]) + ((cur - pred) & 0xFF).astype(np.uint8).tobytes()
+        prev = cur
+    png = bytearray(encode_png(img.astype(np.uint8)))
+    import struct
+
+    start = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[start : start + 4])
+    body = zlib.compress(raw)
+    chunk = struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body))
+    png = bytes(png[:start]) + chunk + bytes(png[start + 12 + length :])
+    np.testing.assert_array_equal(decode_png(png), img.astype(np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        encode_png(img.astype(np.float32))
+
+
+def test_sample_grid(tmp_path):
+    x = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
+    grid = decode_png(save_sample_grid(x, tmp_path / "grid.png", ncol=4).read_bytes())
+    assert grid.shape == (2 * 5 + 1, 4 * 5 + 1, 3)
+    assert image_grid(np.zeros((1, 2, 2, 1), np.uint8), ncol=3).shape == (4, 4, 1)
+
+
+def test_dinov2_features_shape():
+    pytest.importorskip("timm", reason="DINOv2 needs timm (pip install 'cm-eval[dino]'); not installed here")
+    from cm_eval import dinov2
+
+    net = dinov2(None, model_name="vit_small_patch14_dinov2", resolution=56)
+    out = net(torch.rand(2, 3, 32, 32))
+    assert out["features"].shape == (2, 384)
+
+
+def test_dinov2_wrapper_with_a_stub_timm(tmp_path, monkeypatch):
+    # Checks our side (preprocessing, weight loading, errors) without timm: a stub module stands
+    # in for timm.create_model and its checkpoint filter.
+    import sys
+    import types
+
+    seen = {}
+
+    class TinyViT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 5)
+
+        def forward(self, x):
+            seen["input"] = x
+            return self.proj(x.mean((2, 3)))
+
+    timm = types.ModuleType("timm")
+    timm.create_model = lambda name, **kw: seen.update(name=name, kw=kw) or TinyViT()
+    vt = types.ModuleType("timm.models.vision_transformer")
+    vt.checkpoint_filter_fn = lambda state, model: {k.removeprefix("backbone."): v for k, v in state.items()}
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.models", types.ModuleType("timm.models"))
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", vt)
+    from cm_eval import dinov2
+
+    src = TinyViT()
+    torch.save({f"backbone.{k}": v for k, v in src.state_dict().items()}, tmp_path / "dino.pth")
+    net = dinov2(tmp_path / "dino.pth", resolution=28)
+    assert seen["kw"] == {"pretrained": False, "num_classes": 0, "img_size": 28}
+    x = torch.full((2, 3, 20, 20), 0.5)
+    out = net(x)["features"]
+    assert seen["input"].shape == (2, 3, 28, 28)  # resized
+    expected_in = (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(seen["input"][0, :, 0, 0], expected_in)  # ImageNet normalization
+    torch.testing.assert_close(out, src(torch.ones(2, 3, 1, 1) * expected_in.view(1, 3, 1, 1)))
+    with pytest.raises(FileNotFoundError, match="dinov2_vitl14_pretrain.pth"):
+        dinov2(tmp_path / "missing.pth")
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="missing"):
+        dinov2(tmp_path / "bad.pth")
