@@ -1,7 +1,13 @@
 """Root pytest configuration shared by every package's tests."""
 
+import os
+
 import pytest
 import torch
+
+# Most tests run on tiny tensors, where OpenMP hand-offs between 2 threads cost more than the
+# arithmetic (and stall badly when another process holds a core). CM_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("CM_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,8 @@ pip_install() {
 
 echo "[install] $TORCH_SPEC, build and test tools"
 pip_install "$TORCH_SPEC" "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
-    "pytest>=7" "scipy>=1.9" "matplotlib>=3.7"
+    "pytest>=7" "scipy>=1.9" "matplotlib>=3.7" "scikit-learn>=1.0" "pillow>=9" "pyyaml>=6" \
+    "mpi4py>=3.1" mpich
 
 # Lower packages first, down the dependency graph of DESIGN.md (cm-kernels is the leaf).
 # --no-build-isolation: the C++ extension must build against the torch installed above.
