@@ -14,10 +14,9 @@ import argparse
 import statistics
 import time
 
-import torch
-
 import cm_core
 import cm_nets
+import torch
 
 SETUPS = {
     # preset: (objective name, objective kwargs, image shape, c_noise, default GPU batch)
@@ -31,7 +30,9 @@ def bench(preset, variant, device, batch, steps, warmup):
     name, kwargs, shape, c_noise, _ = SETUPS[preset]
     torch.manual_seed(0)
     backend = {"fused": "fused", "sdpa": "sdpa"}.get(variant.split("+")[-1], None)
-    overrides = {"attention_backend": backend} if backend and "attention_backend" in cm_nets.preset_config(preset) else {}
+    overrides = (
+        {"attention_backend": backend} if backend and "attention_backend" in cm_nets.preset_config(preset) else {}
+    )
     net = cm_nets.create(preset, **overrides).to(device)
     cond = {}
     if getattr(net, "num_classes", None):
@@ -75,9 +76,11 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     variants = ["fp32", "bf16+sdpa", "bf16+fused"] + (["bf16+fused+compile"] if args.compile else [])
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"| preset | variant | batch | step s (median) | img/s | peak GiB |\n|---|---|---:|---:|---:|---:|")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print("| preset | variant | batch | step s (median) | img/s | peak GiB |\n|---|---|---:|---:|---:|---:|")
     for preset in args.presets:
         batch = args.batch or (SETUPS[preset][4] if device.type == "cuda" else 2)
         for variant in variants:

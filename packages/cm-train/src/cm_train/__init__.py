@@ -1,0 +1,38 @@
+"""cm_train: train consistency models with any cm_core objective on 1 CPU, 1 GPU or many nodes.
+
+``cm_train.run(cm_train.load_config("configs/digits.toml", ["run.total_steps=2000"]))``, or
+``python -m cm_train --config configs/digits.toml run.total_steps=2000``. Launch unchanged under
+``mpiexec -n 8``, ``srun`` or ``torchrun --nproc_per_node 8``.
+"""
+
+from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
+from .data import ArrayDataset, BatchStream, build_dataset
+from .distributed import DistInfo, detect_launcher
+from .images import make_grid, write_png
+from .loop import DivergenceError, Trainer, build_function, run
+
+__version__ = "0.1.0"
+__all__ = [
+    "ArrayDataset",
+    "BatchStream",
+    "Config",
+    "ConfigError",
+    "DistInfo",
+    "DivergenceError",
+    "Trainer",
+    "apply_overrides",
+    "atomic_write_text",
+    "build_dataset",
+    "build_function",
+    "config_to_dict",
+    "detect_launcher",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_config",
+    "make_grid",
+    "run",
+    "save_checkpoint",
+    "write_png",
+]

@@ -1,0 +1,24 @@
+"""``python -m cm_train --config FILE [section.key=value ...]`` — the trainer without the CLI package."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import ConfigError, load_config, run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cm_train", description=__doc__)
+    parser.add_argument("--config", required=True, help="TOML/YAML/JSON config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.total_steps=2000 optim.lr=2e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

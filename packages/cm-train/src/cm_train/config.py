@@ -1,0 +1,307 @@
+"""The training configuration: typed dataclasses loaded from TOML (or YAML) with dotted overrides.
+
+Unknown keys and wrong types are errors that name the key and the valid choices, so a typo in
+a cluster job fails in the first second instead of after the queue wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Config",
+    "RunConfig",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "PrecisionConfig",
+    "EMAConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "GuardConfig",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what would be valid."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run folder: checkpoints, logs, samples, the resolved config
+    seed: int = 0
+    total_steps: int = 1000
+    batch_size: int = 64  # global batch, fixed whatever the number of ranks
+    batch_per_rank: int = 0  # 0: global batch / ranks; smaller values add gradient accumulation
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model (opt-in)
+    resume: bool = True  # continue from the run folder's latest checkpoint when there is one
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | gmm | folder | zip | npz
+    path: str = ""  # folder / zip / npz path (not used by the built-in sources)
+    resolution: int = 0  # resize images to this size (0: keep); digits are 8×8 natively
+    channels: int = 0  # 0: keep; 1 or 3 converts
+    hflip: bool = False  # random horizontal flip
+    conditional: bool = False  # pass class labels to the network
+    num_classes: int = 0  # filled from the dataset when 0
+    gmm_components: int = 4  # the built-in Gaussian-mixture toy data (source = "gmm")
+    gmm_dim: int = 2
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "unet-tiny"  # a cm_nets preset
+    overrides: dict = field(default_factory=dict)  # constructor arguments of the preset
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    c_noise: str = "edm"  # edm | openai
+    boundary: str = "shifted"  # shifted | edm (ECT trains with the plain EDM scalings)
+    init: str = ""  # weights to start from (cm_nets checkpoint), e.g. an iCT model for BCM
+    teacher: str = ""  # teacher cm_nets checkpoint (CD, ECT from a diffusion model, Direct CM)
+    teacher_c_noise: str = "edm"
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ict"  # a key of cm_core.OBJECTIVES
+    kwargs: dict = field(default_factory=dict)  # its constructor arguments (total_steps filled in)
+    target: str = "none"  # none | ct | ct-openai | constant: an EMA target network θ⁻ (CT, CD)
+    target_decay: float = 0.95  # target = "constant" (CD's μ)
+    ct_s0: int = 2  # CT curriculum for target = "ct": μ(k) from N(k)
+    ct_s1: int = 150
+
+
+@dataclass
+class OptimConfig:
+    name: str = "radam"  # adam | adamw | radam
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up from 0
+    decay: str = "none"  # none | cosine | inverse-sqrt
+    decay_steps: int = 0  # inverse-sqrt reference step (EDM2's t_ref), cosine horizon (0: total)
+    grad_clip: float = 0.0  # max global grad norm (0: off)
+
+
+@dataclass
+class PrecisionConfig:
+    mode: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses dynamic loss scaling)
+    init_scale: float = 2.0**16
+
+
+@dataclass
+class EMAConfig:
+    kind: str = "constant"  # constant | power (EDM2's power-function EMA)
+    decay: float = 0.9999  # kind = constant
+    sigma_rel: float = 0.05  # kind = power
+    name: str = "ema"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3
+    best_metric: str = ""  # e.g. "fd_digits": keep the checkpoint with the lowest value
+    early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between JSONL metric lines
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    sample_count: int = 64
+    progress: bool = True  # a progress bar on rank 0
+    tensorboard: bool = False
+
+
+@dataclass
+class GuardConfig:
+    max_bad_steps: int = 5  # non-finite steps within `window` before rolling back
+    window: int = 100
+    lr_factor: float = 0.5  # LR multiplier after a rollback
+    max_rollbacks: int = 3
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    ema: list = field(default_factory=lambda: [EMAConfig()])
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "data.source": ("digits", "gmm", "folder", "zip", "npz"),
+    "model.c_noise": ("edm", "openai"),
+    "model.teacher_c_noise": ("edm", "openai"),
+    "model.boundary": ("shifted", "edm"),
+    "optim.name": ("adam", "adamw", "radam"),
+    "optim.decay": ("none", "cosine", "inverse-sqrt"),
+    "precision.mode": ("fp32", "bf16", "fp16"),
+    "ema.kind": ("constant", "power"),
+    "objective.target": ("none", "ct", "ct-openai", "constant"),
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check/convert one leaf value against its declared type."""
+    target = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "tuple": tuple}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), None
+    )
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if target is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if target is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if target is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of key = value pairs, got {value!r}")
+        return dict(value)
+    if target is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; valid keys: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        f = fields[name]
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            sub_cls = type(f.default_factory())
+            kwargs[name] = _build(sub_cls, value, key)
+        elif name == "ema" and cls is Config:
+            if isinstance(value, dict):
+                value = [value]
+            if not isinstance(value, list):
+                raise ConfigError("ema must be a list of tables ([[ema]] in TOML)")
+            kwargs[name] = [_build(EMAConfig, v, "ema") for v in value]
+        else:
+            kwargs[name] = _coerce(key, value, f.type)
+            choices = CHOICES.get(key)
+            if choices and kwargs[name] not in choices:
+                raise ConfigError(f"{key} must be one of {list(choices)}, got {kwargs[name]!r}")
+    out = cls(**kwargs)
+    for name in fields:
+        choices = CHOICES.get(f"{prefix}.{name}" if prefix else name)
+        if choices and getattr(out, name) not in choices:
+            raise ConfigError(f"{prefix}.{name} must be one of {list(choices)}, got {getattr(out, name)!r}")
+    return out
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value: TOML/JSON literal if it parses (numbers, true, lists, tables), else a string."""
+    lowered = text.strip()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(lowered)
+    except json.JSONDecodeError:
+        pass
+    try:
+        import tomllib
+
+        return tomllib.loads(f"v = {lowered}")["v"]
+    except Exception:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a raw config dict (before validation)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. run.total_steps=2000)")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {dotted!r} is empty or malformed")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {p} is not a table")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _read_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: YAML configs need `pip install pyyaml` (or use TOML)") from None
+        return yaml.safe_load(text) or {}
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml or .json")
+
+
+def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load and validate a config from a file path (TOML/YAML/JSON) or a dict, with dotted overrides."""
+    if source is None:
+        data = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        data = _read_file(source)
+    data = apply_overrides(data, list(overrides))
+    return _build(Config, data, "")

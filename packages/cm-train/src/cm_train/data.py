@@ -1,0 +1,281 @@
+"""Datasets and the deterministic, resumable, rank-sharded batch stream.
+
+Every dataset yields images as float tensors in [−1, 1], shape [C, H, W] (or vectors [d] for
+the toy mixture), with integer class labels (0 when unlabelled). The global batch at a given
+(epoch, position) is the same whatever the number of ranks; each rank takes its slice, so one
+rank and many ranks train on identical data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, DataConfig
+
+__all__ = ["ArrayDataset", "LazyImageDataset", "build_dataset", "BatchStream", "StreamState"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ArrayDataset:
+    """All samples in memory: x [N, ...] float32 in [−1, 1], labels [N] int64."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0, name: str = ""):
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"dataset {name!r} is empty or has no sample dimension: shape {tuple(x.shape)}")
+        self.x = x.float().contiguous()
+        self.labels = labels.long() if labels is not None else torch.zeros(len(x), dtype=torch.long)
+        if len(self.labels) != len(self.x):
+            raise ValueError(f"dataset {name!r}: {len(self.labels)} labels for {len(self.x)} samples")
+        self.num_classes = int(num_classes)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[indices], self.labels[indices]
+
+
+def _decode_image(data: bytes, where: str) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfigError("image folders and zips need `pip install pillow`") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+    except Exception as exc:
+        raise ValueError(f"cannot read image {where}: {exc}") from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+class LazyImageDataset:
+    """Images decoded on demand from a folder (class = sub-folder) or an EDM/StyleGAN zip."""
+
+    def __init__(self, read, names: list[str], labels: list[int], num_classes: int, name: str):
+        if not names:
+            raise ValueError(f"no images found in {name} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        self._read, self.names, self.name = read, names, name
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.num_classes = num_classes
+        first = self._load(0)
+        self._shape = tuple(first.shape)
+
+    def _load(self, i: int) -> torch.Tensor:
+        arr = _decode_image(self._read(self.names[i]), f"{self.name}/{self.names[i]}")
+        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float() / 127.5 - 1
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs = []
+        for i in indices.tolist():
+            img = self._load(i)
+            if tuple(img.shape) != self._shape:
+                raise ValueError(
+                    f"{self.name}/{self.names[i]} has shape {tuple(img.shape)} but the first image has "
+                    f"{self._shape}: all images must share one size (resize them, or set data.resolution)"
+                )
+            imgs.append(img)
+        return torch.stack(imgs), self.labels[indices]
+
+
+def _folder(path: Path) -> LazyImageDataset:
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder {path} does not exist")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted({p.parent.relative_to(path).as_posix() for p in files} - {"."})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(p.parent.relative_to(path).as_posix(), 0) for p in files]
+    names = [p.relative_to(path).as_posix() for p in files]
+    return LazyImageDataset(lambda n: (path / n).read_bytes(), names, labels, len(classes), str(path))
+
+
+def _zip(path: Path) -> LazyImageDataset:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset zip {path} does not exist")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a zip file") from None
+    names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES))
+    labels, num_classes = [0] * len(names), 0
+    if "dataset.json" in zf.namelist():
+        meta = json.loads(zf.read("dataset.json"))
+        table = meta.get("labels")
+        if table is not None:
+            mapping = dict((n, int(lab)) for n, lab in table)
+            missing = [n for n in names if n not in mapping]
+            if missing:
+                raise ValueError(f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} images)")
+            labels = [mapping[n] for n in names]
+            num_classes = max(labels) + 1
+    return LazyImageDataset(zf.read, names, labels, num_classes, str(path))
+
+
+def _npz(path: Path) -> ArrayDataset:
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file {path} does not exist")
+    with np.load(path) as data:
+        key = "arr_0" if "arr_0" in data else ("images" if "images" in data else None)
+        if key is None:
+            raise ValueError(f"{path}: expected an 'images' or 'arr_0' array, found {sorted(data.files)}")
+        arr = data[key]
+        labels = data["labels"] if "labels" in data else (data["arr_1"] if "arr_1" in data else None)
+    if arr.ndim != 4:
+        raise ValueError(f"{path}: images must be [N, H, W, C] (ADM) or [N, C, H, W], got shape {arr.shape}")
+    x = torch.from_numpy(arr)
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1 if arr.dtype == np.uint8 else x.float()
+    lab = torch.from_numpy(np.asarray(labels)).long() if labels is not None else None
+    return ArrayDataset(x, lab, int(lab.max()) + 1 if lab is not None else 0, str(path))
+
+
+def _digits() -> ArrayDataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ConfigError("the built-in digits dataset needs `pip install scikit-learn`") from None
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 8.0 - 1.0  # 0..16 → [−1, 1]
+    return ArrayDataset(x, torch.from_numpy(d.target), 10, "digits")
+
+
+def _gmm(cfg: DataConfig, seed: int) -> ArrayDataset:
+    from cm_core import GaussianMixture
+
+    gen = torch.Generator().manual_seed(seed)
+    k, d = cfg.gmm_components, cfg.gmm_dim
+    means = torch.randn(k, d, generator=gen, dtype=torch.float64) * 0.8
+    gm = GaussianMixture(means, 0.1)
+    x, labels = gm.sample(8192, gen, return_labels=True)
+    return ArrayDataset(x.float(), labels, k, "gmm")
+
+
+def _resize(ds, cfg: DataConfig):
+    """Resize / change channels once for in-memory data; lazily for image folders."""
+
+    def convert(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            return x
+        if cfg.channels and x.shape[1] != cfg.channels:
+            if cfg.channels == 1:
+                x = x.mean(1, keepdim=True)
+            elif cfg.channels == 3 and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            else:
+                raise ConfigError(f"data.channels={cfg.channels}: cannot convert {x.shape[1]}-channel images")
+        if cfg.resolution and x.shape[-1] != cfg.resolution:
+            x = F.interpolate(
+                x, size=(cfg.resolution, cfg.resolution), mode="bilinear", antialias=True, align_corners=False
+            ).clamp(-1, 1)
+        return x.contiguous()
+
+    if isinstance(ds, ArrayDataset):
+        ds.x = convert(ds.x)
+        return ds
+    inner_get = ds.get
+    ds.get = lambda idx: _converted(inner_get, idx, convert)
+    probe = convert(inner_get(torch.tensor([0]))[0])
+    ds._shape = tuple(probe.shape[1:])
+    return ds
+
+
+def _converted(get, idx, convert):
+    x, y = get(idx)
+    return convert(x), y
+
+
+def build_dataset(cfg: DataConfig, seed: int = 0):
+    if cfg.source == "digits":
+        ds = _digits()
+    elif cfg.source == "gmm":
+        ds = _gmm(cfg, seed)
+    elif cfg.source in ("folder", "zip", "npz"):
+        if not cfg.path:
+            raise ConfigError(f"data.source = {cfg.source!r} needs data.path")
+        path = Path(os.path.expanduser(cfg.path))
+        ds = {"folder": _folder, "zip": _zip, "npz": _npz}[cfg.source](path)
+    else:
+        raise ConfigError(f"data.source must be one of digits, gmm, folder, zip, npz; got {cfg.source!r}")
+    if cfg.conditional and ds.num_classes < 2 and not cfg.num_classes:
+        raise ConfigError(f"data.conditional = true but {ds.name or cfg.source} has no class labels")
+    if cfg.num_classes:
+        ds.num_classes = cfg.num_classes
+    return _resize(ds, cfg)
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    position: int = 0  # index of the next global batch's first sample in this epoch's order
+
+
+class BatchStream:
+    """Global batches in a seeded per-epoch order; rank r gets rows [r·b, (r+1)·b) of each.
+
+    The order of epoch e is ``randperm(N)`` from a generator seeded with (seed, e); the flips of
+    a global batch come from (seed, e, position). Incomplete final batches are dropped.
+    """
+
+    def __init__(self, dataset, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, hflip: bool = False):
+        if global_batch % world:
+            raise ConfigError(f"run.batch_size={global_batch} is not divisible by the {world} ranks")
+        if global_batch > len(dataset):
+            raise ConfigError(f"run.batch_size={global_batch} exceeds the dataset size {len(dataset)}")
+        self.dataset, self.global_batch = dataset, global_batch
+        self.rank, self.world, self.seed, self.hflip = rank, world, seed, hflip
+        self.state = StreamState()
+        self._order = None
+        self._order_epoch = -1
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order_epoch != self.state.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state.epoch)
+            self._order = torch.randperm(len(self.dataset), generator=g)
+            self._order_epoch = self.state.epoch
+        return self._order
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch (x, labels)."""
+        if self.state.position + self.global_batch > len(self.dataset):
+            self.state = StreamState(self.state.epoch + 1, 0)
+        order = self._epoch_order()
+        idx = order[self.state.position : self.state.position + self.global_batch]
+        per = self.global_batch // self.world
+        mine = idx[self.rank * per : (self.rank + 1) * per]
+        x, y = self.dataset.get(mine)
+        if self.hflip and x.ndim == 4:
+            g = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.state.epoch) * 1_000_033 + self.state.position
+            )
+            flips = torch.rand(self.global_batch, generator=g)[self.rank * per : (self.rank + 1) * per] < 0.5
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        self.state = StreamState(self.state.epoch, self.state.position + self.global_batch)
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "position": self.state.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = StreamState(int(state["epoch"]), int(state["position"]))

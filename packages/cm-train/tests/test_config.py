@@ -1,0 +1,51 @@
+import pytest
+from cm_train import ConfigError, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\ntotal_steps = 100\n[optim]\nlr = 2e-4\n[[ema]]\nkind = "power"\nsigma_rel = 0.1\n')
+    cfg = load_config(
+        path, ["run.total_steps=250", "optim.betas=[0.9, 0.99]", "model.overrides={dim = 3}", "objective.kwargs.s1=640"]
+    )
+    assert cfg.run.total_steps == 250 and cfg.optim.lr == 2e-4 and cfg.optim.betas == (0.9, 0.99)
+    assert cfg.ema[0].kind == "power" and cfg.ema[0].sigma_rel == 0.1
+    assert cfg.model.overrides == {"dim": 3} and cfg.objective.kwargs == {"s1": 640}
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"run": {"total_step": 5}}, r"unknown key run.total_step .*valid keys: \[.*'total_steps'"),
+        ({"runn": {}}, r"unknown key runn"),
+        ({"run": {"total_steps": "many"}}, r"run.total_steps must be an integer"),
+        ({"run": {"compile": 1}}, r"run.compile must be true or false"),
+        ({"optim": {"name": "sgd"}}, r"optim.name must be one of \['adam', 'adamw', 'radam'\]"),
+        ({"precision": {"mode": "fp8"}}, r"precision.mode must be one of"),
+        ({"ema": [{"kind": "weird"}]}, r"ema.kind must be one of"),
+        ({"data": {"source": "imagenet"}}, r"data.source must be one of"),
+    ],
+)
+def test_bad_configs_name_the_key(data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(data)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config({}, ["run.total_steps"])
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert any(p.stem == "digits" for p in configs)
+    for path in configs:
+        load_config(path)
