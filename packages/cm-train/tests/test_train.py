@@ -267,3 +267,47 @@ def test_bad_runs_fail_early_with_the_key(tiny_config):
         run(load_config(tiny_config(objective={"name": "cd"})), log=lambda m: None)
     with pytest.raises(ConfigError, match="objective.kwargs.s9 is not an argument"):
         run(load_config(tiny_config(objective={"name": "ict", "kwargs": {"s9": 1}})), log=lambda m: None)
+
+
+def test_best_checkpoint_is_kept_and_early_stop(tiny_config, tmp_path):
+    import cm_train.loop as loop
+
+    values = iter([5.0, 3.0, 4.0, 4.5, 6.0, 7.0])
+    original = loop.Trainer.evaluate
+    loop.Trainer.evaluate = lambda self, last: next(values)  # a scripted metric: best at the 2nd evaluation
+    try:
+        messages = []
+        cfg = load_config(
+            tiny_config(
+                run={"total_steps": 60},
+                checkpoint={"every": 5, "keep_last": 1, "best_metric": "loss", "early_stop_patience": 3},
+            )
+        )
+        out = run(cfg, objective=None, log=messages.append)
+    finally:
+        loop.Trainer.evaluate = original
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["value"] == 3.0 and best["step"] == 10
+    from cm_train import list_checkpoints
+
+    names = [p.name for p in list_checkpoints(cfg.run.dir)]
+    assert "step-00000010" in names  # the best survives keep_last = 1
+    assert any("early stop at step 25" in m for m in messages), messages
+    assert out["step"] == 25
+
+
+def test_fd_digits_metric_runs_on_digits(tmp_path):
+    pytest.importorskip("cm_eval")
+    cfg = load_config(
+        {
+            "run": {"dir": str(tmp_path / "fd"), "total_steps": 2, "batch_size": 16},
+            "data": {"source": "digits", "conditional": True},
+            "model": {"preset": "unet-tiny", "overrides": {"image_size": 8, "num_classes": 10}},
+            "objective": {"name": "ict", "kwargs": {"s0": 10, "s1": 20}},
+            "checkpoint": {"every": 0, "best_metric": "fd_digits", "eval_count": 64},
+            "log": {"progress": False, "every": 1},
+        }
+    )
+    run(cfg, log=lambda m: None)
+    best = json.loads((tmp_path / "fd" / "best.json").read_text())
+    assert best["metric"] == "fd_digits" and best["value"] > 0

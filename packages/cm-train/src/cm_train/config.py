@@ -115,7 +115,8 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = 500  # steps between checkpoints (0: only at the end)
     keep_last: int = 3
-    best_metric: str = ""  # e.g. "fd_digits": keep the checkpoint with the lowest value
+    best_metric: str = ""  # "" | loss | fd_digits: evaluated at every checkpoint, lowest kept as best
+    eval_count: int = 1000  # samples for fd_digits (1-step, first EMA, fixed noise)
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
 
 
@@ -161,6 +162,7 @@ CHOICES = {
     "precision.mode": ("fp32", "bf16", "fp16"),
     "ema.kind": ("constant", "power"),
     "objective.target": ("none", "ct", "ct-openai", "constant"),
+    "checkpoint.best_metric": ("", "loss", "fd_digits"),
 }
 
 

@@ -181,6 +181,7 @@ class Trainer:
         self.best: tuple[float, str] | None = None
         self.evals_without_improvement = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._tb = None  # TensorBoard writer, created on first use when log.tensorboard is set
         z_gen = torch.Generator().manual_seed(cfg.run.seed + 12345)
         shape = (min(cfg.log.sample_count, 256),) + tuple(self.dataset.sample_shape)
         self.fixed_noise = torch.randn(shape, generator=z_gen)
@@ -231,7 +232,7 @@ class Trainer:
                 networks[f"ema-{name}"] = (ema.net.state_dict(), meta)
             if self.target is not None:
                 networks["target"] = (self.target.net.state_dict(), meta)
-            protect = (Path(self.best[1]),) if self.best else ()
+            protect = (Path(self.best[1]),) if self.best and self.best[1] else ()
             path = save_checkpoint(
                 self.run_dir,
                 self.step,
@@ -278,6 +279,22 @@ class Trainer:
     def write_metrics(self, record: dict) -> None:
         if not self.info.is_main:
             return
+        if self.cfg.log.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                except ImportError:
+                    self._say(
+                        "log.tensorboard = true but tensorboard is not installed (pip install tensorboard); "
+                        "metrics go to metrics.jsonl only"
+                    )
+                    self._tb = False
+            if self._tb:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._tb.add_scalar(key, value, record["step"])
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -305,6 +322,69 @@ class Trainer:
             write_png(path, make_grid(x), scale=max(1, 64 // x.shape[-1]))
             out.append(path)
         return out
+
+    @torch.no_grad()
+    def evaluate(self, last: dict) -> float | None:
+        """The configured best-checkpoint metric (lower is better), computed on rank 0 and shared."""
+        kind = self.cfg.checkpoint.best_metric
+        value = float("nan")
+        if kind == "loss":
+            value = last.get("loss") if last.get("loss") is not None else float("nan")
+        elif kind == "fd_digits" and self.info.is_main:
+            try:
+                import cm_eval
+            except ImportError:
+                raise ConfigError(
+                    "checkpoint.best_metric = 'fd_digits' needs cm-eval (pip install -e packages/cm-eval)"
+                ) from None
+            net = next(iter(self.emas.values())).net if self.emas else self.net
+            f = build_function(self.name, net, self.cfg).eval()
+            n = self.cfg.checkpoint.eval_count
+            gen = torch.Generator().manual_seed(self.cfg.run.seed + 777)
+            z = torch.randn((n,) + tuple(self.dataset.sample_shape), generator=gen).to(self.device)
+            labels = torch.arange(n) % max(self.dataset.num_classes, 1)
+            x = torch.cat(
+                [
+                    cm_core.onestep_sample(f, zc, **self._cond(lc)).cpu()
+                    for zc, lc in zip(z.split(256), labels.split(256))
+                ]
+            )
+            value = cm_eval.fd_digits(x.clamp(-1, 1))
+        if torch.distributed.is_initialized():
+            t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(t, 0)
+            value = t.item()
+        return value if value == value else None
+
+    def _track_best(self, value: float | None, path: Path) -> tuple[bool, bool]:
+        """Record an evaluation of the checkpoint about to be written at ``path``: (improved, stop)."""
+        if value is None:
+            return False, False
+        metric = self.cfg.checkpoint.best_metric
+        if self.best is None or value < self.best[0]:
+            self.best = (value, str(path))
+            self.evals_without_improvement = 0
+            self._say(f"step {self.step}: {metric} = {value:.4g} (new best)")
+            return True, False
+        self.evals_without_improvement += 1
+        self._say(
+            f"step {self.step}: {metric} = {value:.4g} "
+            f"(best {self.best[0]:.4g}, {self.evals_without_improvement} without improvement)"
+        )
+        patience = self.cfg.checkpoint.early_stop_patience
+        return False, bool(patience) and self.evals_without_improvement >= patience
+
+    def checkpoint(self, last: dict) -> bool:
+        """Evaluate (when configured), save, keep the best; True when training should stop early."""
+        value = self.evaluate(last) if self.cfg.checkpoint.best_metric else None
+        # Decide first, so the saved state already knows whether it is the best checkpoint.
+        improved, stop = self._track_best(value, self.run_dir / "checkpoints" / f"step-{self.step:08d}")
+        metric = self.cfg.checkpoint.best_metric
+        path = self.save(dict(last, **({metric: value} if value is not None else {})))
+        if improved and self.info.is_main:
+            record = {"metric": metric, "value": value, "step": self.step, "checkpoint": str(path)}
+            atomic_write_text(self.run_dir / "best.json", json.dumps(record, indent=2) + "\n")
+        return stop
 
     def rollback(self) -> None:
         ckpts = list_checkpoints(self.run_dir)
@@ -424,10 +504,19 @@ class Trainer:
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                 self.sample_grid()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total:
-                self.save(last)
+                if self.checkpoint(last):
+                    self._say(
+                        f"early stop at step {self.step}: no improvement in "
+                        f"{cfg.checkpoint.early_stop_patience} evaluations; best {self.best}"
+                    )
+                    break
         if bar is not None:
             bar.close()
-        final = self.save(last)
+        if cfg.checkpoint.best_metric:
+            self.checkpoint(last)
+            final = latest_checkpoint(self.run_dir)
+        else:
+            final = self.save(last)
         grids = self.sample_grid()
         self._say(f"done: {self.step} steps; checkpoint {final}; samples {[str(g) for g in grids]}")
         return {
