@@ -73,9 +73,15 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="subset of: fp32 bf16+sdpa bf16+fused bf16+fused+compile (CPU bf16 is slow without AMX)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
-    variants = ["fp32", "bf16+sdpa", "bf16+fused"] + (["bf16+fused+compile"] if args.compile else [])
+    variants = args.variants or ["fp32", "bf16+sdpa", "bf16+fused"] + (["bf16+fused+compile"] if args.compile else [])
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -254,6 +254,9 @@ def test_sample_grids_and_logs_are_written(tiny_config, tmp_path):
     assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "img" / "config.json").read_text())["run"]["total_steps"] == 4
     assert len(_losses(tmp_path / "img")) == 2 and out["samples"]
+    line = json.loads((tmp_path / "img" / "metrics.jsonl").read_text().splitlines()[-1])
+    buckets = [k for k in line if k.startswith("loss_sigma_")]
+    assert buckets and all(line[k] >= 0 for k in buckets)
 
 
 def test_bad_runs_fail_early_with_the_key(tiny_config):

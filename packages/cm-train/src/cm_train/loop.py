@@ -69,6 +69,20 @@ class EMA:
         return beta
 
 
+SIGMA_BUCKETS = (0.1, 1.0, 10.0)  # edges of the per-σ loss breakdown in the logs
+
+
+def _sigma_buckets(buckets: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mean per-sample loss by noise level: σ < 0.1, 0.1–1, 1–10, ≥ 10."""
+    if not buckets:
+        return {}
+    sigma = torch.cat([b[0] for b in buckets])
+    loss = torch.cat([b[1] for b in buckets])
+    index = torch.bucketize(sigma, torch.tensor(SIGMA_BUCKETS))
+    names = ("loss_sigma_lt0.1", "loss_sigma_0.1-1", "loss_sigma_1-10", "loss_sigma_ge10")
+    return {names[i]: float(loss[index == i].mean()) for i in range(len(names)) if (index == i).any()}
+
+
 def _lr_at(cfg, step: int, total: int) -> float:
     o = cfg.optim
     scale = 1.0
@@ -438,6 +452,7 @@ class Trainer:
                 bar = None
         params = [p for p in self.net.parameters() if p.requires_grad]
         t_last, n_last, last = time.time(), self.step, {}
+        by_sigma: list[tuple[torch.Tensor, torch.Tensor]] = []  # (σ, loss) per sample, for the log
         while self.step < total:
             step = self.step
             lr = _lr_at(cfg, step, total) * self.lr_factor
@@ -451,8 +466,13 @@ class Trainer:
                 ys = y[i * self.micro : (i + 1) * self.micro]
                 self._seed_chunk(step, self.info.rank * self.accum + i)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss, stats = self.objective(self.model, xs, step=step, generator=self.generator, **self._cond(ys))
-                    loss = loss.float().mean() / self.accum
+                    per_sample, stats = self.objective(
+                        self.model, xs, step=step, generator=self.generator, **self._cond(ys)
+                    )
+                    loss = per_sample.float().mean() / self.accum
+                sigma = stats.pop("per_sample_sigma", None)
+                if sigma is not None:
+                    by_sigma.append((sigma.float().cpu(), per_sample.detach().float().cpu()))
                 self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             grads = [p.grad for p in params if p.grad is not None]
@@ -493,7 +513,9 @@ class Trainer:
                     "img_per_s": rate * cfg.run.batch_size,
                     **{f"ema_{k}": v for k, v in decays.items()},
                     **{k: v for k, v in stats.items()},
+                    **_sigma_buckets(by_sigma),  # this rank's samples since the last log line
                 }
+                by_sigma.clear()
                 self.write_metrics(last)
                 if bar is not None:
                     bar.set_postfix(

@@ -1,5 +1,8 @@
 """Training objectives: ``objective(f, x0, *, step, generator=None, **cond) -> (loss [B], stats)``.
 
+``stats`` holds floats for logging and ``per_sample_sigma`` ([B], the noise level each sample's
+loss was computed at).
+
 Consistency objectives take a consistency function f(x, σ) (BCM: f(x, σ, σ_end)); diffusion
 objectives take a denoiser D(x, σ). The trainer owns the optimizer, EMA and step counter.
 """

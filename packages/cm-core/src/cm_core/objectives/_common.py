@@ -61,8 +61,13 @@ def frozen_call(net, *args, **kwargs):
     return net(*args, **kwargs)
 
 
-def stats_of(**values) -> dict[str, float]:
+def stats_of(**values) -> dict:
+    """Means as floats for logging, plus ``per_sample_sigma`` [B] (detached) when σ is per sample,
+    so a trainer can break the loss down by noise level."""
     out = {}
     for key, v in values.items():
         out[key] = float(v.float().mean()) if torch.is_tensor(v) else float(v)
+    sigma = values.get("sigma")
+    if torch.is_tensor(sigma) and sigma.ndim == 1:
+        out["per_sample_sigma"] = sigma.detach()
     return out
