@@ -38,6 +38,16 @@ _ADM64 = dict(
 _SONG_CIFAR = dict(
     img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2), dropout=0.13
 )
+# The iCT/BCM ImageNet-64 network (BCM seed's ict_imagenet64_no32_qkv): no 32×32 attention,
+# no scale-shift norm, cosine q/k/v, dropout only at 16/8 and the middle.
+_ADM64_NO32_QKV = dict(
+    _ADM64,
+    attention_resolutions=(16, 8),
+    use_scale_shift_norm=False,
+    attention_normalize="qkv",
+    dropout=0.0,
+    dropout_highres=0.2,
+)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -79,14 +89,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "adm-imagenet64-no32-qkv",
             ADMUNet,
-            dict(
-                _ADM64,
-                attention_resolutions=(16, 8),
-                use_scale_shift_norm=False,
-                attention_normalize="qkv",
-                dropout=0.0,
-                dropout_highres=0.2,
-            ),
+            _ADM64_NO32_QKV,
             "iCT ImageNet-64 as reproduced by the BCM seed (Li & He 2024, ict_imagenet64_no32_qkv_4096.sh): ADM "
             "without 32×32 attention, no scale-shift norm, normalized (cosine) q/k/v, dropout 0 at 64/32 and 0.2 "
             "at 16/8 and the middle.",
@@ -95,15 +98,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "adm-imagenet64-bcm",
             ADMUNet,
-            dict(
-                _ADM64,
-                attention_resolutions=(16, 8),
-                use_scale_shift_norm=False,
-                attention_normalize="qkv",
-                dropout=0.0,
-                dropout_highres=0.2,
-                bcm=True,
-            ),
+            dict(_ADM64_NO32_QKV, bcm=True),
             "BCM ImageNet-64 (Li & He 2024, bcf_imagenet64_no32_qkv_4096.sh): adm-imagenet64-no32-qkv plus "
             "time_embed_end (copy of time_embed) and time_embed_align (Linear 1536→768, no bias, init [I | 0]); "
             "forward takes c_noise_end.",

@@ -64,6 +64,11 @@ class MLPToy(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def _sinusoid(self, scaled_noise: torch.Tensor) -> torch.Tensor:
+        return sinusoidal_embedding(scaled_noise, self.emb_dim, self.max_period, endpoint=True).to(
+            self.inp.weight.dtype
+        )
+
     def forward(
         self,
         x_in: torch.Tensor,
@@ -75,15 +80,13 @@ class MLPToy(nn.Module):
             raise ValueError(f"x_in must have shape [B, {self.dim}], got {tuple(x_in.shape)}")
         B = x_in.shape[0]
         c_noise = check_c_noise(c_noise, B) * self.noise_scale
-        emb = sinusoidal_embedding(c_noise, self.emb_dim, self.max_period, endpoint=True).to(self.inp.weight.dtype)
+        emb = self._sinusoid(c_noise)
         emb = self.map_noise(emb)
         if c_noise_end is not None:
             if not self.bcm:
                 raise ValueError("c_noise_end given to an MLPToy built without bcm=True (create('mlp-toy', bcm=True))")
             end = check_c_noise(c_noise_end, B) * self.noise_scale
-            emb = emb + self.map_noise_end(
-                sinusoidal_embedding(end, self.emb_dim, self.max_period, endpoint=True).to(self.inp.weight.dtype)
-            )
+            emb = emb + self.map_noise_end(self._sinusoid(end))
         if self.num_classes is not None:
             emb = emb + embed_labels(self.label_emb.weight, class_labels, B, self.num_classes)
         emb = F.silu(emb)
