@@ -313,12 +313,16 @@ class Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _eval_function(self) -> torch.nn.Module:
+        """What sample grids and evaluations use: the first EMA (else the online net), wrapped."""
+        net = next(iter(self.emas.values())).net if self.emas else self.net
+        return build_function(self.name, net, self.cfg).eval()
+
     @torch.no_grad()
     def sample_grid(self) -> list[Path]:
         if not self.info.is_main or self.fixed_noise.ndim != 4:
             return []
-        net = next(iter(self.emas.values())).net if self.emas else self.net
-        f = build_function(self.name, net, self.cfg).eval()
+        f = self._eval_function()
         z = self.fixed_noise.to(self.device)
         cond = self._cond(self.fixed_labels)
         out = []
@@ -351,8 +355,7 @@ class Trainer:
                 raise ConfigError(
                     "checkpoint.best_metric = 'fd_digits' needs cm-eval (pip install -e packages/cm-eval)"
                 ) from None
-            net = next(iter(self.emas.values())).net if self.emas else self.net
-            f = build_function(self.name, net, self.cfg).eval()
+            f = self._eval_function()
             n = self.cfg.checkpoint.eval_count
             gen = torch.Generator().manual_seed(self.cfg.run.seed + 777)
             z = torch.randn((n,) + tuple(self.dataset.sample_shape), generator=gen).to(self.device)
