@@ -9,6 +9,11 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = sorted(p for p in (ROOT / "packages").iterdir() if (p / "pyproject.toml").exists())
+TOOLS = ROOT / "tools"  # the cm-tools distribution (import cm_cli): the only place click may live
+
+
+def _dist_and_import(pkg: Path) -> tuple[str, str]:
+    return ("cm-tools", "cm_cli") if pkg == TOOLS else (pkg.name, pkg.name.replace("-", "_"))
 
 # What each package may import among the workspace's own (DESIGN.md, "direction of dependence").
 ALLOWED = {
@@ -37,23 +42,23 @@ def test_there_are_packages():
     assert {p.name for p in PACKAGES} >= {"cm-core", "cm-kernels"}
 
 
-@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("pkg", PACKAGES + [TOOLS], ids=lambda p: p.name)
 def test_package_is_complete(pkg):
     meta = tomllib.loads((pkg / "pyproject.toml").read_text())["project"]
-    assert meta["name"] == pkg.name
+    dist, import_name = _dist_and_import(pkg)
+    assert meta["name"] == dist
     assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"]), "static semantic version"
     assert any(d.startswith("torch>=") for d in meta["dependencies"]), "torch by range, never pinned"
     for f in ("README.md", "CHANGELOG.md"):
         assert (pkg / f).exists(), f"{pkg.name} lacks {f}"
-    import_name = pkg.name.replace("-", "_")
     assert (pkg / "src" / import_name / "__init__.py").exists(), "src layout"
     tests = pkg / "tests"
     assert any(tests.glob("test_*.py")) and not (tests / "__init__.py").exists()
 
 
-@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("pkg", PACKAGES + [TOOLS], ids=lambda p: p.name)
 def test_imports_point_down_the_dag(pkg):
-    import_name = pkg.name.replace("-", "_")
+    import_name = _dist_and_import(pkg)[1]
     bad = []
     for path in (pkg / "src").rglob("*.py"):
         for name in _imports(path) & OWN - {import_name}:
@@ -68,6 +73,11 @@ def test_libraries_do_not_parse_cli_or_exit(pkg):
         names = _imports(path)
         assert "click" not in names, f"{path}: only tools/ may import click"
         assert "sys.exit(" not in path.read_text(), f"{path}: libraries raise, never exit"
+
+
+def test_tools_script_is_cm():
+    meta = tomllib.loads((TOOLS / "pyproject.toml").read_text())["project"]
+    assert meta["scripts"]["cm"] == "cm_cli.main:main"
 
 
 def test_ci_runs_the_readme_test_command():

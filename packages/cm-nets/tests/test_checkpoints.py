@@ -188,3 +188,26 @@ def test_malicious_storage_bytes_are_refused():
 
     with pytest.raises(pickle.UnpicklingError):
         cm_nets.read_edm_pickle(io.BytesIO(pickle.dumps({"ema": Smuggler()})))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails before its rename leaves the previous weights and no temporary files."""
+    import os
+
+    first = cm_nets.create("mlp-toy", dim=3, hidden=8, depth=1, emb_dim=4)
+    path = cm_nets.save(first, tmp_path / "net")
+    before = path.read_bytes()
+    second = cm_nets.create("mlp-toy", dim=3, hidden=8, depth=1, emb_dim=4)
+    torch.nn.init.normal_(second.out.weight)
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        cm_nets.save(second, tmp_path / "net")
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.json", "net.safetensors"]
+    cm_nets.save(second, tmp_path / "net")
+    torch.testing.assert_close(cm_nets.load(path).out.weight, second.out.weight)

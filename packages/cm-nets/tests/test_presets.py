@@ -121,3 +121,20 @@ def test_mlp_toy_shapes():
     assert net(torch.randn(7, 5), torch.randn(7)).shape == (7, 5)
     with pytest.raises(ValueError, match=r"x_in must have shape \[B, 5\]"):
         net(torch.randn(7, 4), torch.randn(7))
+
+
+def test_mlp_digits_is_the_flat_mlp_on_images():
+    """mlp-digits = mlp-toy on C·H·W vectors, reshaped: same weights give the same numbers."""
+    torch.manual_seed(0)
+    img = cm_nets.create("mlp-digits", hidden=32, depth=2, num_classes=10)
+    flat = cm_nets.create("mlp-toy", dim=64, hidden=32, depth=2, num_classes=10)
+    torch.nn.init.normal_(img.out.weight)  # the zero-initialized output layer would hide a mix-up
+    flat.load_state_dict(img.state_dict())
+    x, c, y = torch.randn(5, 1, 8, 8), torch.randn(5), torch.arange(5)
+    out = img(x, c, class_labels=y)
+    assert out.shape == (5, 1, 8, 8)
+    torch.testing.assert_close(out.flatten(1), flat(x.flatten(1), c, class_labels=y), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"x_in must have shape \[B, 1, 8, 8\]"):
+        img(torch.randn(5, 64), c)
+    with pytest.raises(ValueError, match="image_shape must be"):
+        cm_nets.create("mlp-digits", image_shape=(3, 8, 8))

@@ -12,6 +12,7 @@ from .inception import FIDInceptionV3, inception_fid
 from .inversion import inversion_error, psnr
 from .metrics import class_accuracy, inception_score, knn_radii, precision_recall
 from .ode_error import default_teacher_sigmas, ode_solving_error, teacher_solutions
+from .report import format_table, html_report, plot_curves, plot_image_panels
 from .sampling import SAMPLERS, PerImageNoise, generate, parse_seeds, sample_batch
 from .stats import (
     FeatureStats,
@@ -51,6 +52,8 @@ __all__ = [
     "encode_png",
     "extract",
     "fd_digits",
+    "format_table",
+    "html_report",
     "frechet_distance",
     "frechet_distance_from_features",
     "generate",
@@ -67,6 +70,8 @@ __all__ = [
     "nfe_sweep",
     "ode_solving_error",
     "parse_seeds",
+    "plot_curves",
+    "plot_image_panels",
     "plot_metric_vs_nfe",
     "precision_recall",
     "psnr",

@@ -39,13 +39,16 @@ def inversion_error(
     batch_size: int = 64,
     side_by_side: str | Path | None = None,
     max_pairs: int = 32,
+    labels=None,
+    progress=None,
     **cond,
 ) -> dict:
     """Invert then reconstruct ``images`` [N, ...] (float, in [-1, 1]) with a BCM f(x, σ, σ_end).
 
     The σ_0 noise of image i comes from generator ``seeds[i]`` (default i), so results do not
     depend on ``batch_size``. ``side_by_side``: a PNG path for originals (top row) over
-    reconstructions (bottom row) of the first ``max_pairs`` images (4-D images only).
+    reconstructions (bottom row) of the first ``max_pairs`` images (4-D images only). ``labels``:
+    one class per image for a conditional model. ``progress`` wraps the batch iterator (e.g. tqdm).
     Returns ``{"mse", "psnr", "mse_per_image", "num_images", ...}``.
     """
     if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim < 2 or len(images) == 0:
@@ -53,9 +56,16 @@ def inversion_error(
     seeds = list(range(len(images))) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(images):
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for {len(images)} images")
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(labels) != len(images):
+            raise ValueError(f"need one label per image: {len(labels)} labels for {len(images)} images")
     recon = []
-    for i in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for i in progress(starts) if progress else starts:
         x = images[i : i + batch_size]
+        if labels is not None:
+            cond = dict(cond, class_labels=labels[i : i + batch_size])
         if add_noise:
             x = x + float(invert_sigmas[0]) * PerImageNoise(seeds[i : i + batch_size]).like(x)
         latent = bcm_invert(f, x, invert_sigmas, add_noise=False, **cond)

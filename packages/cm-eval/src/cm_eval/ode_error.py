@@ -21,6 +21,16 @@ from .sampling import PerImageNoise, parse_seeds, sample_batch
 __all__ = ["teacher_solutions", "ode_solving_error", "default_teacher_sigmas"]
 
 
+def _check_labels(labels, seeds) -> torch.Tensor | None:
+    """One class label per seed (sliced with the batches), or None."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) != len(seeds):
+        raise ValueError(f"need one label per seed: {len(labels)} labels for {len(seeds)} seeds")
+    return labels
+
+
 def default_teacher_sigmas(n: int = 80, sigma_min: float = 0.002, sigma_max: float = 80.0) -> list[float]:
     """A descending Karras grid σ_max → σ_min with n points (ρ = 7)."""
     return karras_sigmas(n, sigma_min=sigma_min, sigma_max=sigma_max).flip(0).tolist()
@@ -36,6 +46,8 @@ def teacher_solutions(
     method: str = "heun",
     cache: str | Path | None = None,
     batch_size: int = 64,
+    labels=None,
+    progress=None,
     device="cpu",
     dtype=torch.float32,
     **cond,
@@ -46,6 +58,7 @@ def teacher_solutions(
     another path) rather than being silently reused.
     """
     seeds = parse_seeds(seeds)
+    labels = _check_labels(labels, seeds)
     ts = [float(s) for s in teacher_sigmas]
     key = {
         "seeds": np.array(seeds, np.int64),
@@ -53,6 +66,8 @@ def teacher_solutions(
         "teacher_sigmas": np.array(ts, np.float64),
         "method": np.array(method),
     }
+    if labels is not None:
+        key["labels"] = labels.numpy()
     if cache is not None and Path(cache).is_file():
         with np.load(cache) as f:
             for k, v in key.items():
@@ -62,9 +77,13 @@ def teacher_solutions(
                     )
             return torch.from_numpy(f["x"])
     out = []
-    for i in range(0, len(seeds), batch_size):
+    starts = range(0, len(seeds), batch_size)
+    for i in progress(starts) if progress else starts:
         z = PerImageNoise(seeds[i : i + batch_size]).randn(shape).to(device, dtype)
-        out.append(solve(denoiser, ts[0] * z, ts, method=method, **cond).float().cpu())
+        batch_cond = dict(cond)
+        if labels is not None:
+            batch_cond["class_labels"] = labels[i : i + batch_size].to(device)
+        out.append(solve(denoiser, ts[0] * z, ts, method=method, **batch_cond).float().cpu())
     x = torch.cat(out)
     if cache is not None:
         atomic_save_npz(cache, x=x.numpy(), **key)
@@ -85,6 +104,8 @@ def ode_solving_error(
     batch_size: int = 64,
     renoise: str = "cm",
     metric: Callable[[torch.Tensor], float] | None = None,
+    labels=None,
+    progress=None,
     device="cpu",
     dtype=torch.float32,
     **cond,
@@ -94,9 +115,11 @@ def ode_solving_error(
 
     Returns ``{"mse"`` (per element, mean over images), ``"rmse"``, ``"l2"`` (mean per-image L2
     norm), ``"mse_per_image"``, and, when ``metric`` (images → float, e.g. FD-digits) is given,
-    ``"metric_student"`` and ``"metric_teacher"``}.
+    ``"metric_student"`` and ``"metric_teacher"``}. ``labels``: one class per seed (conditional models);
+    ``progress`` wraps the teacher's batch iterator (the long part).
     """
     seeds = parse_seeds(seeds)
+    labels = _check_labels(labels, seeds)
     teacher_sigmas = default_teacher_sigmas() if teacher_sigmas is None else teacher_sigmas
     x_teacher = teacher_solutions(
         denoiser,
@@ -106,6 +129,8 @@ def ode_solving_error(
         method=method,
         cache=cache,
         batch_size=batch_size,
+        labels=labels,
+        progress=progress,
         device=device,
         dtype=dtype,
         **cond,
@@ -120,6 +145,7 @@ def ode_solving_error(
                 shape,
                 student_sigmas,
                 sampler=sampler,
+                labels=None if labels is None else labels[i : i + batch_size],
                 device=device,
                 dtype=dtype,
                 cond=cond,

@@ -105,6 +105,16 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
+def _check_sampler(sampler, sigmas) -> tuple[Callable, list[float]]:
+    fn = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
+    if fn is None:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or a callable, got {sampler!r}")
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[0] <= 0:
+        raise ValueError(f"sigmas must be positive and strictly decreasing, got {sigmas}")
+    return fn, sigmas
+
+
 @torch.no_grad()
 def sample_batch(
     f,
@@ -114,6 +124,7 @@ def sample_batch(
     *,
     sampler="multistep",
     num_classes: int | None = None,
+    labels: torch.Tensor | Sequence[int] | None = None,
     device="cpu",
     dtype=torch.float32,
     **options,
@@ -121,18 +132,23 @@ def sample_batch(
     """Samples [B, *shape] for ``seeds`` (and their labels when ``num_classes``), deterministic per seed.
 
     Draw order per image: z ~ N(0, I) of ``shape``, then the label (if any), then the sampler's ε.
+    ``labels`` (one per seed) fixes the classes instead of drawing them; the draw order of z and ε
+    stays the same, so image i with label c is the image a random draw of c would have given.
     """
-    fn = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
-    if fn is None:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or a callable, got {sampler!r}")
-    sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[0] <= 0:
-        raise ValueError(f"sigmas must be positive and strictly decreasing, got {sigmas}")
+    fn, sigmas = _check_sampler(sampler, sigmas)
     noise = PerImageNoise(seeds)
     z = noise.randn(shape).to(device, dtype)
     cond = dict(options.pop("cond", {}) or {})
-    labels = None
-    if num_classes is not None:
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(labels) != len(seeds):
+            raise ValueError(f"need one label per seed: {len(labels)} labels for {len(seeds)} seeds")
+        if num_classes is not None:
+            noise.randint(num_classes)  # keep each image's draw order whether or not labels are given
+            if labels.min() < 0 or labels.max() >= num_classes:
+                raise ValueError(f"labels must lie in [0, {num_classes - 1}], got {labels.min()}..{labels.max()}")
+        cond["class_labels"] = labels.to(device)
+    elif num_classes is not None:
         labels = noise.randint(num_classes)
         cond["class_labels"] = labels.to(device)
     return fn(f, z, sigmas, noise, **options, **cond), labels
@@ -156,6 +172,7 @@ def generate(
     sampler="multistep",
     batch_size: int = 64,
     num_classes: int | None = None,
+    class_label: int | None = None,
     fmt: str | None = None,
     device="cpu",
     dtype=torch.float32,
@@ -167,11 +184,15 @@ def generate(
     ``f``: a consistency function f(x, σ, **cond) (or BCM's f(x, σ, σ_end) for ``sampler="bcm"``)
     returning images in [-1, 1]. ``out``: a folder (PNG) or a path ending in ``.npz``. Seeds are
     dealt to ``torch.distributed`` ranks round-robin (rank r takes seeds[r::world]) when a
-    process group is initialized; every rank must call this. Returns counts and the output path.
+    process group is initialized; every rank must call this. ``class_label`` gives every image
+    that class (else labels are drawn per seed when ``num_classes``). Returns counts and the path.
     """
+    if class_label is not None and (num_classes is None or not 0 <= int(class_label) < num_classes):
+        raise ValueError(f"class_label {class_label} needs a conditional model with more than {class_label} classes")
     seeds = parse_seeds(seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_sampler(sampler, sigmas)  # before any folder is made: a bad call leaves nothing behind
     out = Path(out)
     fmt = fmt or ("npz" if out.suffix == ".npz" else "png")
     if fmt not in ("png", "npz"):
@@ -195,8 +216,18 @@ def generate(
 
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in progress(batches) if progress else batches:
+        fixed = None if class_label is None else [int(class_label)] * len(batch)
         x, labels = sample_batch(
-            f, batch, shape, sigmas, sampler=sampler, num_classes=num_classes, device=device, dtype=dtype, **options
+            f,
+            batch,
+            shape,
+            sigmas,
+            sampler=sampler,
+            num_classes=num_classes,
+            labels=fixed,
+            device=device,
+            dtype=dtype,
+            **options,
         )
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"image output must be [B, 1|3, H, W]; the sampler returned {tuple(x.shape)}")

@@ -31,15 +31,35 @@ __all__ = [
 
 
 @torch.no_grad()
-def sample_images(f, *, seeds, shape, sigmas, sampler="multistep", batch_size: int = 256, **options) -> torch.Tensor:
-    """All images for ``seeds`` in memory ([N, *shape], CPU): for small evaluations and sweeps."""
+def sample_images(
+    f, *, seeds, shape, sigmas, sampler="multistep", batch_size: int = 256, labels=None, progress=None, **options
+) -> torch.Tensor:
+    """All images for ``seeds`` in memory ([N, *shape], CPU): for small evaluations and sweeps.
+    ``labels``: one class per seed for a conditional ``f`` (sliced with the batches);
+    ``progress``: wraps the batch iterator (e.g. tqdm)."""
     seeds = parse_seeds(seeds)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(labels) != len(seeds):
+            raise ValueError(f"need one label per seed: {len(labels)} labels for {len(seeds)} seeds")
     return torch.cat(
         [
-            sample_batch(f, seeds[i : i + batch_size], shape, sigmas, sampler=sampler, **options)[0].cpu()
-            for i in range(0, len(seeds), batch_size)
+            sample_batch(
+                f,
+                seeds[i : i + batch_size],
+                shape,
+                sigmas,
+                sampler=sampler,
+                labels=None if labels is None else labels[i : i + batch_size],
+                **options,
+            )[0].cpu()
+            for i in _wrap(progress, range(0, len(seeds), batch_size))
         ]
     )
+
+
+def _wrap(progress, iterable):
+    return progress(iterable) if progress else iterable
 
 
 def nfe_sweep(
@@ -51,25 +71,23 @@ def nfe_sweep(
     shape,
     sampler="multistep",
     batch_size: int = 256,
+    progress=None,
     **options,
 ) -> dict:
-    """Evaluate ``metric(samples)`` for every σ list of every named schedule.
+    """Evaluate ``metric(samples)`` for every σ list of every named schedule (``progress`` wraps
+    the iterator over all σ lists, e.g. tqdm).
 
     ``schedules``: {"name": [[80.0], [80.0, 0.8], …]}; NFE = len(σ list) for the multistep and
     one-step samplers (BCM's samplers: the number of jumps). The same seeds are used throughout,
     so differences between schedules are not sampling noise of z.
     Returns {"name": [{"nfe", "sigmas", "metric"}, …]}.
     """
-    out = {}
-    for name, lists in schedules.items():
-        rows = []
-        for sigmas in lists:
-            x = sample_images(
-                f, seeds=seeds, shape=shape, sigmas=sigmas, sampler=sampler, batch_size=batch_size, **options
-            )
-            nfe = len(sigmas) if sampler != "bcm" else len(sigmas) - 1 + 2 * len(options.get("zigzag", ()))
-            rows.append({"nfe": nfe, "sigmas": [float(s) for s in sigmas], "metric": float(metric(x))})
-        out[name] = rows
+    out = {name: [] for name in schedules}
+    todo = [(name, sigmas) for name, lists in schedules.items() for sigmas in lists]
+    for name, sigmas in _wrap(progress, todo):
+        x = sample_images(f, seeds=seeds, shape=shape, sigmas=sigmas, sampler=sampler, batch_size=batch_size, **options)
+        nfe = len(sigmas) if sampler != "bcm" else len(sigmas) - 1 + 2 * len(options.get("zigzag", ()))
+        out[name].append({"nfe": nfe, "sigmas": [float(s) for s in sigmas], "metric": float(metric(x))})
     return out
 
 

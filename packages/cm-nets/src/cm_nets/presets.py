@@ -143,6 +143,15 @@ PRESETS: dict[str, Preset] = {
             "toy data (dim=… to change d).",
             None,
         ),
+        Preset(
+            "mlp-digits",
+            MLPToy,
+            dict(dim=64, hidden=512, depth=4, emb_dim=64, image_shape=(1, 8, 8)),
+            "Residual MLP on flattened 8×8 grey images ([B, 1, 8, 8] in and out) for the embedded digits "
+            "dataset; num_classes=10 makes it class-conditional. Used by `cm demo`: a training step costs a "
+            "few ms on a CPU.",
+            None,
+        ),
     ]
 }
 

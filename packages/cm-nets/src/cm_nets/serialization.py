@@ -60,8 +60,20 @@ def save(module: nn.Module, path: str | os.PathLike) -> Path:
     tensors_path, json_path = _paths(path)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(tensors_path), metadata={"cm_nets": json.dumps(meta)})
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    # Temporary files beside the targets, fsynced, then renamed: a crash never leaves half a file.
+    tmp_tensors = tensors_path.with_name(f".{tensors_path.name}.tmp-{os.getpid()}")
+    tmp_json = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp_tensors), metadata={"cm_nets": json.dumps(meta)})
+        tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
+        for tmp in (tmp_tensors, tmp_json):
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp_tensors, tensors_path)
+        os.replace(tmp_json, json_path)
+    finally:
+        for tmp in (tmp_tensors, tmp_json):
+            tmp.unlink(missing_ok=True)
     return tensors_path
 
 

@@ -1,4 +1,4 @@
-"""Small networks for vectors: Gaussian-mixture and other toy data on [B, d] tensors."""
+"""Small networks for vectors (Gaussian-mixture and other toy data on [B, d]) and tiny images."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ class MLPToy(nn.Module):
 
     ``bcm=True`` adds a second embedding for BCM's end time ``c_noise_end`` (its last layer
     zero-initialized, so at init the output does not depend on it); ``dropout`` acts inside
-    every block, as in the image networks (iCT/ECT use it)."""
+    every block, as in the image networks (iCT/ECT use it).
+
+    ``image_shape=(C, H, W)`` makes it an image network: it takes and returns [B, C, H, W] and
+    flattens internally (``dim`` must equal C·H·W). On 8×8 digits this trains ~10× faster per
+    step than the smallest UNet on a CPU, which is what the minutes-long demo needs."""
 
     def __init__(
         self,
@@ -33,8 +37,14 @@ class MLPToy(nn.Module):
         out_dim: int | None = None,
         dropout: float = 0.0,
         bcm: bool = False,
+        image_shape: tuple[int, int, int] | None = None,
     ):
         super().__init__()
+        if image_shape is not None:
+            image_shape = tuple(int(v) for v in image_shape)
+            if len(image_shape) != 3 or image_shape[0] * image_shape[1] * image_shape[2] != dim:
+                raise ValueError(f"image_shape must be (C, H, W) with C·H·W = dim = {dim}, got {image_shape}")
+        self.image_shape = image_shape
         if dim < 1 or hidden < 1 or depth < 1 or emb_dim < 2:
             raise ValueError(
                 f"dim, hidden, depth must be >= 1 and emb_dim >= 2; got {dim}, {hidden}, {depth}, {emb_dim}"
@@ -76,8 +86,17 @@ class MLPToy(nn.Module):
         class_labels: torch.Tensor | None = None,
         c_noise_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.image_shape is not None:
+            if tuple(x_in.shape[1:]) != self.image_shape:
+                raise ValueError(
+                    f"x_in must have shape [B, {', '.join(map(str, self.image_shape))}], got {tuple(x_in.shape)}"
+                )
+            return self._forward(x_in.flatten(1), c_noise, class_labels, c_noise_end).view(x_in.shape)
         if x_in.dim() != 2 or x_in.shape[1] != self.dim:
             raise ValueError(f"x_in must have shape [B, {self.dim}], got {tuple(x_in.shape)}")
+        return self._forward(x_in, c_noise, class_labels, c_noise_end)
+
+    def _forward(self, x_in, c_noise, class_labels, c_noise_end):
         B = x_in.shape[0]
         c_noise = check_c_noise(c_noise, B) * self.noise_scale
         emb = self._sinusoid(c_noise)
