@@ -10,6 +10,7 @@ from .config import Config, ConfigError, apply_overrides, config_to_dict, load_c
 from .data import ArrayDataset, BatchStream, build_dataset
 from .distributed import DistInfo, detect_launcher
 from .images import make_grid, write_png
+from .inference import TrainedModel, kind_of, load_trained, resolve_checkpoint
 from .loop import DivergenceError, Trainer, build_function, run
 
 __version__ = "0.1.0"
@@ -21,17 +22,21 @@ __all__ = [
     "DistInfo",
     "DivergenceError",
     "Trainer",
+    "TrainedModel",
     "apply_overrides",
     "atomic_write_text",
     "build_dataset",
     "build_function",
     "config_to_dict",
     "detect_launcher",
+    "kind_of",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_config",
+    "load_trained",
     "make_grid",
+    "resolve_checkpoint",
     "run",
     "save_checkpoint",
     "write_png",

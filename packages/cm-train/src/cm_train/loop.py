@@ -252,7 +252,15 @@ class Trainer:
                 self.step,
                 networks,
                 state,
-                {"metrics": metrics or {}},
+                {
+                    "metrics": metrics or {},
+                    "objective": self.name,
+                    "data": {
+                        "sample_shape": list(self.dataset.sample_shape),
+                        "num_classes": self.dataset.num_classes if self.cfg.data.conditional else 0,
+                    },
+                    "config": config_to_dict(self.cfg),  # the checkpoint alone rebuilds the model
+                },
                 keep_last=self.cfg.checkpoint.keep_last,
                 protect=protect,
             )

@@ -1,0 +1,139 @@
+"""Trained models back from checkpoints: the wrapped function, what it is, and its data's shape.
+
+    model = cm_train.load_trained("runs/digits-ict")        # a run folder: its best, else latest, checkpoint
+    x = cm_core.onestep_sample(model.function, z, **model.cond(labels))
+
+A checkpoint folder carries its resolved config and data shape in ``meta.json`` (older ones fall
+back to the run folder's ``config.json``), so sampling, editing and evaluation need nothing but
+its path. Weights load from safetensors; no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cm_nets
+import torch
+
+from .checkpoint import latest_checkpoint
+from .config import Config, load_config
+from .loop import CONSISTENCY, DIFFUSION, build_function
+
+__all__ = ["TrainedModel", "load_trained", "resolve_checkpoint", "kind_of"]
+
+
+def kind_of(objective: str) -> str:
+    """ "consistency" (f(x, σ)), "bcm" (f(x, σ, σ_end)) or "diffusion" (a denoiser D(x, σ))."""
+    if objective == "bcm":
+        return "bcm"
+    if objective in DIFFUSION:
+        return "diffusion"
+    if objective in CONSISTENCY:
+        return "consistency"
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    function: torch.nn.Module  # eval mode, no grad needed
+    kind: str  # consistency | bcm | diffusion
+    objective: str
+    sample_shape: tuple[int, ...]
+    num_classes: int  # 0: unconditional
+    sigma_min: float
+    sigma_max: float
+    sigma_data: float
+    checkpoint: Path
+    network: str  # which weights: "net", "ema-<name>" or "target"
+    config: Config
+
+    def cond(self, labels: torch.Tensor | None) -> dict:
+        """Keyword arguments for the function: class labels when the model is conditional."""
+        if not self.num_classes:
+            return {}
+        if labels is None:
+            raise ValueError(f"{self.checkpoint} is class-conditional ({self.num_classes} classes): give class labels")
+        return {"class_labels": labels}
+
+    def describe(self) -> str:
+        cond = f"{self.num_classes} classes" if self.num_classes else "unconditional"
+        shape = "×".join(map(str, self.sample_shape))
+        return f"{self.objective} ({self.kind}) model, {shape} samples, {cond}, weights {self.network}"
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder from itself or from a run folder (best.json's checkpoint, else the latest)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a run folder or one of its checkpoints/step-* folders")
+    if (path / "meta.json").is_file():
+        return path
+    if path.is_file():
+        raise ValueError(
+            f"{path} is a file; give a cm-train checkpoint folder (…/checkpoints/step-00001000) or a run folder"
+        )
+    best = path / "best.json"
+    if best.is_file():
+        chosen = Path(json.loads(best.read_text())["checkpoint"])
+        if not chosen.is_absolute() and not chosen.exists():
+            chosen = path / "checkpoints" / chosen.name
+        if (chosen / "meta.json").is_file():
+            return chosen
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} holds no cm-train checkpoint (no meta.json, no checkpoints/step-* folder)")
+    return latest
+
+
+def _pick_network(ckpt: Path, network: str) -> str:
+    names = sorted(p.stem for p in ckpt.glob("*.safetensors"))
+    if network == "ema":
+        emas = [n for n in names if n.startswith("ema-")]
+        if emas:
+            return emas[0]
+        network = "net"
+    if network not in names:
+        raise ValueError(f"{ckpt} has no network {network!r}; it has {', '.join(names) or 'none'}")
+    return network
+
+
+def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:
+    """Load a trained model. ``network``: "ema" (the first EMA, else the online weights), "net",
+    "target" or "ema-<name>"."""
+    ckpt = resolve_checkpoint(path)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "config" in meta:
+        cfg = load_config(meta["config"])
+    else:
+        run_config = ckpt.parent.parent / "config.json"
+        if not run_config.is_file():
+            raise ValueError(f"{ckpt} has no config in meta.json and {run_config} is missing")
+        cfg = load_config(str(run_config))
+    objective = meta.get("objective", cfg.objective.name)
+    kind = kind_of(objective)
+    if "data" in meta:
+        shape, num_classes = tuple(meta["data"]["sample_shape"]), int(meta["data"]["num_classes"])
+    else:  # older checkpoints: the dataset itself says
+        from .data import build_dataset
+
+        ds = build_dataset(cfg.data, cfg.run.seed)
+        shape, num_classes = tuple(ds.sample_shape), ds.num_classes if cfg.data.conditional else 0
+    name = _pick_network(ckpt, network)
+    net = cm_nets.load(ckpt / f"{name}.safetensors", map_location=device)
+    f = build_function(objective, net, cfg).eval().requires_grad_(False)
+    kwargs = cfg.objective.kwargs
+    return TrainedModel(
+        function=f,
+        kind=kind,
+        objective=objective,
+        sample_shape=shape,
+        num_classes=num_classes,
+        sigma_min=float(cfg.model.sigma_min),
+        sigma_max=float(kwargs.get("sigma_max", 80.0)),
+        sigma_data=float(cfg.model.sigma_data),
+        checkpoint=ckpt,
+        network=name,
+        config=cfg,
+    )
