@@ -22,7 +22,7 @@ pip_install() {
 echo "[install] $TORCH_SPEC, build and test tools"
 pip_install "$TORCH_SPEC" "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
     "pytest>=7" "scipy>=1.9" "matplotlib>=3.7" "scikit-learn>=1.0" "pillow>=9" "pyyaml>=6" \
-    "mpi4py>=3.1" mpich
+    "mpi4py>=3.1" mpich "click>=8.1" "tqdm>=4.60"
 
 # Lower packages first, down the dependency graph of DESIGN.md (cm-kernels is the leaf).
 # --no-build-isolation: the C++ extension must build against the torch installed above.

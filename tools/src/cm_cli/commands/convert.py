@@ -1,0 +1,59 @@
+"""``cm convert``: openai / EDM checkpoints to cm_nets safetensors (no pickled code runs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from .._common import check_out, overwrite_option
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(["openai", "edm"]))
+@click.argument("src", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="DST.safetensors (+ DST.json).")
+@click.option("--preset", default=None, help="cm_nets preset (openai: guessed from the keys if omitted; edm: needed).")
+@click.option("--key", default="ema", show_default=True, help="EDM pickle entry holding the network.")
+@overwrite_option
+def convert(kind: str, src: str, out: str, preset: str | None, key: str, overwrite: bool) -> None:
+    """Convert an openai/iCT/BCM (.pt) or EDM (.pkl) checkpoint to cm_nets safetensors.
+
+    \b
+    Example:
+      cm convert openai cd_imagenet64_l2.pt --out cd-imagenet64.safetensors
+    """
+    import cm_nets
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise click.BadParameter(f"{out} must end in .safetensors", param_hint="--out")
+    check_out(out, overwrite)
+    check_out(out.with_suffix(".json"), overwrite)
+    if not Path(src).is_file():
+        raise FileNotFoundError(f"checkpoint {src} does not exist")
+    if kind == "openai":
+        module = cm_nets.from_openai(src, preset=preset)
+    else:
+        if preset is None:
+            raise click.UsageError(f"cm convert edm needs --preset (one of {', '.join(cm_nets.presets())})")
+        module = cm_nets.from_edm(src, preset, key=key)
+    # cm_nets.save writes two files in place; write them in a temporary folder beside --out, then move.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        written = cm_nets.save(module, tmp / out.name)
+        for f in (written, written.with_suffix(".json")):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, out.parent / f.name)
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    n = sum(p.numel() for p in module.parameters())
+    click.echo(f"wrote {out} and {out.with_suffix('.json')}: {type(module).__name__}, {n / 1e6:.2f}M parameters")
+
+
+COMMANDS = [convert]

@@ -1,0 +1,30 @@
+"""``cm demo``: the end-to-end digits demo of cm_train (train, sample, evaluate, report)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--quick", is_flag=True, help="A shorter run (a smoke test, not the documented numbers).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def demo(out: str, quick: bool, overwrite: bool) -> None:
+    """Train small consistency models on the embedded digits and write a report.
+
+    \b
+    Example:
+      cm demo --out demo-out --quick
+    """
+    from pathlib import Path
+
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    from cm_train.demo import run_demo
+
+    result = run_demo(out, quick=quick, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    click.echo(result["text"])
+    click.echo(f"report: {result['report']}")
+
+
+COMMANDS = [demo]

@@ -1,0 +1,392 @@
+"""``cm eval``: sample-quality and model metrics (FID, FD-DINOv2, precision/recall, IS, digits, inversion,
+ODE solving error, NFE sweeps). Nothing is downloaded: feature-extractor weights come from paths given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .._common import (
+    CliError,
+    batch_option,
+    batches,
+    check_out,
+    class_label_option,
+    device_option,
+    echo_json,
+    json_option,
+    load_model,
+    load_uint8,
+    network_option,
+    overwrite_option,
+    parse_ints,
+    progress,
+)
+from .invert import inversion_result, need_bcm, reconstruct_options, report_line
+from .sample import chain_sigmas, default_sigmas
+
+INCEPTION_WHERE = (
+    "pass the path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+    "(github.com/mseitzer/pytorch-fid releases; see the cm-eval README)"
+)
+DINO_WHERE = (
+    "pass Meta's dinov2_vitl14_pretrain.pth or a timm vit_large_patch14_dinov2 state dict (see the cm-eval README)"
+)
+
+
+def _weights(path, what: str, where: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights not found at {path}; {where}")
+    return path
+
+
+def _inception(path):
+    import cm_eval
+
+    return cm_eval.inception_fid(_weights(path, "Inception", INCEPTION_WHERE))
+
+
+def _features(net, images, key: str, batch_size: int, desc: str):
+    import cm_eval
+    import torch
+
+    feats = cm_eval.extract(net, batches(images, batch_size, desc), key=key, value_range=(0.0, 1.0))
+    return torch.cat(list(feats))
+
+
+def _stats(net, images, key: str, batch_size: int, desc: str):
+    import cm_eval
+
+    s = cm_eval.compute_stats(net, batches(images, batch_size, desc), key=key, value_range=(0.0, 1.0))
+    return s.mean(), s.cov()
+
+
+def _reference(ref, net, key: str, batch_size: int) -> dict:
+    """{"mu", "sigma"} from a statistics .npz, or computed from a reference image batch (arr_0)."""
+    import cm_eval
+    import numpy as np
+
+    ref = Path(ref)
+    if not ref.is_file():
+        raise FileNotFoundError(f"reference {ref} does not exist; make one with `cm stats ref DATASET --out {ref}`")
+    with np.load(ref) as f:
+        has_stats = {"mu", "sigma"} <= set(f.files)
+    if has_stats:
+        return cm_eval.load_stats(ref)
+    mu, sigma = _stats(net, cm_eval.load_reference_batch(ref), key, batch_size, "reference features")
+    return {"mu": mu, "sigma": sigma}
+
+
+def _finish(line: str, result: dict, json_path, overwrite: bool) -> None:
+    click.echo(line)
+    echo_json(result, json_path, overwrite)
+
+
+def _precheck(json_path, overwrite):
+    if json_path:
+        check_out(json_path, overwrite)
+
+
+@click.group("eval")
+def evaluate() -> None:
+    """Metrics of samples and models; each prints one line and can write --json.
+
+    \b
+    Example:
+      cm eval digits samples.npz
+    """
+
+
+@evaluate.command()
+@click.argument("samples", type=click.Path())
+@click.option("--ref", required=True, type=click.Path(), help="Reference statistics (mu/sigma) or images (arr_0) .npz.")
+@click.option("--inception", required=True, type=click.Path(), help="FID Inception-v3 weights (pytorch-fid .pth).")
+@batch_option(64)
+@json_option
+@overwrite_option
+def fid(samples, ref, inception, batch_size, json_path, overwrite):
+    """FID of SAMPLES against a reference.
+
+    SAMPLES: a folder of PNGs or an .npz (arr_0 uint8 NHWC, optional arr_1 labels).
+
+    \b
+    Example:
+      cm eval fid samples.npz --ref cifar10-32x32.npz --inception pt_inception-2015-12-05-6726825d.pth
+    """
+    import cm_eval
+
+    _precheck(json_path, overwrite)
+    net = _inception(inception)
+    images, _ = load_uint8(samples)
+    mu, sigma = _stats(net, images, "pool", batch_size, "inception features")
+    r = _reference(ref, net, "pool", batch_size)
+    value = cm_eval.frechet_distance(mu, sigma, r["mu"], r["sigma"])
+    _finish(f"FID {value:.4f} ({len(images)} images)", {"fid": value, "num_images": len(images)}, json_path, overwrite)
+
+
+@evaluate.command("fd-dino")
+@click.argument("samples", type=click.Path())
+@click.option("--ref", required=True, type=click.Path(), help="Reference statistics (mu/sigma) or images (arr_0) .npz.")
+@click.option("--dino", required=True, type=click.Path(), help="DINOv2 ViT-L/14 weights.")
+@batch_option(32)
+@json_option
+@overwrite_option
+def fd_dino(samples, ref, dino, batch_size, json_path, overwrite):
+    """Fréchet distance in DINOv2 feature space (EDM2's FD_DINOv2).
+
+    SAMPLES: a folder of PNGs or an .npz (arr_0 uint8 NHWC, optional arr_1 labels).
+
+    \b
+    Example:
+      cm eval fd-dino samples.npz --ref refs-dino.npz --dino dinov2_vitl14_pretrain.pth
+    """
+    import cm_eval
+
+    _precheck(json_path, overwrite)
+    net = cm_eval.dinov2(_weights(dino, "DINOv2", DINO_WHERE))
+    images, _ = load_uint8(samples)
+    mu, sigma = _stats(net, images, "features", batch_size, "dinov2 features")
+    r = _reference(ref, net, "features", batch_size)
+    value = cm_eval.frechet_distance(mu, sigma, r["mu"], r["sigma"])
+    _finish(f"FD_DINOv2 {value:.4f} ({len(images)} images)", {"fd_dinov2": value, "num_images": len(images)},
+            json_path, overwrite)  # fmt: skip
+
+
+@evaluate.command("precision-recall")
+@click.argument("samples", type=click.Path())
+@click.option("--ref-images", required=True, type=click.Path(), help="Real images: PNG folder or .npz (arr_0).")
+@click.option("--inception", required=True, type=click.Path(), help="FID Inception-v3 weights (pytorch-fid .pth).")
+@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True, help="k-th nearest neighbour radius.")
+@batch_option(64)
+@json_option
+@overwrite_option
+def precision_recall(samples, ref_images, inception, k, batch_size, json_path, overwrite):
+    """Improved precision and recall (Kynkäänniemi et al. 2019) in Inception space.
+
+    SAMPLES: a folder of PNGs or an .npz (arr_0 uint8 NHWC, optional arr_1 labels).
+
+    \b
+    Example:
+      cm eval precision-recall samples.npz --ref-images refs.npz --inception pt_inception.pth
+    """
+    import cm_eval
+
+    _precheck(json_path, overwrite)
+    net = _inception(inception)
+    fake, _ = load_uint8(samples)
+    real, _ = load_uint8(ref_images)
+    r = cm_eval.precision_recall(
+        _features(net, real, "pool", batch_size, "real features"),
+        _features(net, fake, "pool", batch_size, "sample features"),
+        k=k,
+    )
+    _finish(f"precision {r['precision']:.4f}  recall {r['recall']:.4f}", dict(r), json_path, overwrite)
+
+
+@evaluate.command("is")
+@click.argument("samples", type=click.Path())
+@click.option("--inception", required=True, type=click.Path(), help="FID Inception-v3 weights (pytorch-fid .pth).")
+@click.option("--splits", type=click.IntRange(min=1), default=10, show_default=True, help="Splits for mean ± std.")
+@batch_option(64)
+@json_option
+@overwrite_option
+def inception_score(samples, inception, splits, batch_size, json_path, overwrite):
+    """Inception Score of SAMPLES.
+
+    SAMPLES: a folder of PNGs or an .npz (arr_0 uint8 NHWC, optional arr_1 labels).
+
+    \b
+    Example:
+      cm eval is samples.npz --inception pt_inception-2015-12-05-6726825d.pth
+    """
+    import cm_eval
+
+    _precheck(json_path, overwrite)
+    net = _inception(inception)
+    images, _ = load_uint8(samples)
+    mean, std = cm_eval.inception_score(_features(net, images, "logits", batch_size, "inception logits"), splits)
+    _finish(f"IS {mean:.4f} ± {std:.4f}", {"is_mean": mean, "is_std": std}, json_path, overwrite)
+
+
+@evaluate.command()
+@click.argument("samples", type=click.Path())
+@json_option
+@overwrite_option
+def digits(samples, json_path, overwrite):
+    """FD-digits (the shipped digits classifier's features) and, with arr_1 labels, class accuracy.
+
+    SAMPLES: a folder of PNGs or an .npz (arr_0 uint8 NHWC, optional arr_1 labels).
+
+    \b
+    Example:
+      cm eval digits samples.npz --json digits.json
+    """
+    import cm_eval
+
+    _precheck(json_path, overwrite)
+    images, labels = load_uint8(samples)
+    r = {"fd_digits": cm_eval.fd_digits(images), "num_images": len(images)}
+    line = f"FD-digits {r['fd_digits']:.4f} ({len(images)} images)"
+    if labels is not None:
+        r["class_accuracy"] = cm_eval.digits_class_accuracy(images, labels)
+        line += f"  class accuracy {r['class_accuracy']:.4f}"
+    _finish(line, r, json_path, overwrite)
+
+
+@evaluate.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--input", "images", required=True, help="A PNG, a folder of PNGs, an .npz (arr_0) or `digits`.")
+@reconstruct_options
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@batch_option(64)
+@class_label_option
+@network_option
+@device_option
+@json_option
+@overwrite_option
+def inversion(checkpoint, images, sigmas, steps, reconstruct, limit, batch_size, class_label, network, device,
+              json_path, overwrite):  # fmt: skip
+    """Inversion MSE and PSNR of a BCM checkpoint (invert, reconstruct, compare).
+
+    \b
+    Example:
+      cm eval inversion runs/digits-bcm --input digits
+    """
+    _precheck(json_path, overwrite)
+    model = load_model(checkpoint, network, device)
+    need_bcm(model, "cm eval inversion")
+    r = inversion_result(model, images, limit, class_label, device, steps, sigmas, reconstruct, batch_size)
+    _finish(report_line(r), r, json_path, overwrite)
+
+
+@evaluate.command("ode-error")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--teacher", required=True, type=click.Path(), help="The diffusion (teacher) checkpoint.")
+@click.option("--num", type=click.IntRange(min=1), default=256, show_default=True, help="Images (seeds 0..N-1).")
+@click.option("--nfe", type=click.IntRange(1, 1000), default=1, show_default=True, help="Student sampling steps.")
+@click.option(
+    "--teacher-steps", type=click.IntRange(2, 10000), default=80, show_default=True, help="Teacher Heun σ points."
+)
+@click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Cache the teacher's solutions here.")
+@batch_option(64)
+@class_label_option
+@network_option
+@device_option
+@json_option
+@overwrite_option
+def ode_error(checkpoint, teacher, num, nfe, teacher_steps, cache, batch_size, class_label, network, device, json_path,
+              overwrite):  # fmt: skip
+    """ODE solving error (Direct CM): student samples vs the teacher's PF-ODE solution from the same noise.
+
+    The student samples with --nfe steps (as `cm sample`); the teacher solves with Heun on a
+    Karras grid of --teacher-steps points σ_max → σ_min. Conditional models: seed i gets class
+    i mod num_classes unless --class-label.
+
+    \b
+    Example:
+      cm eval ode-error runs/digits-ict --teacher runs/digits-edm --num 256 --nfe 2
+    """
+    import cm_eval
+    import torch
+
+    _precheck(json_path, overwrite)
+    model = load_model(checkpoint, network, device)
+    if model.kind == "diffusion":
+        raise CliError(f"{model.checkpoint} is a diffusion model; ode-error measures a consistency student")
+    denoiser = load_model(teacher, network, device)
+    if denoiser.kind != "diffusion":
+        raise CliError(
+            f"--teacher must be a diffusion checkpoint; {denoiser.checkpoint} was trained with {denoiser.objective!r}"
+        )
+    if tuple(denoiser.sample_shape) != tuple(model.sample_shape):
+        raise CliError(f"student makes {model.sample_shape} images but the teacher {denoiser.sample_shape}")
+    labels = None
+    if model.num_classes:
+        if class_label is not None:
+            labels = torch.full((num,), class_label, dtype=torch.long)
+        else:
+            labels = torch.arange(num) % model.num_classes
+    elif class_label is not None:
+        raise click.UsageError(f"--class-label: {model.checkpoint} is unconditional")
+    r = cm_eval.ode_solving_error(
+        model.function,
+        denoiser.function,
+        seeds=num,
+        shape=model.sample_shape,
+        student_sigmas=default_sigmas(model, nfe),
+        teacher_sigmas=cm_eval.default_teacher_sigmas(teacher_steps, denoiser.sigma_min, denoiser.sigma_max),
+        cache=cache,
+        batch_size=batch_size,
+        labels=labels,
+        progress=progress("teacher ODE"),
+        device=device,
+    )
+    _finish(
+        f"ODE error: MSE {r['mse']:.6g}  RMSE {r['rmse']:.6g}  L2 {r['l2']:.6g} "
+        f"({r['num_images']} images, student NFE {nfe}, teacher NFE {r['teacher_nfe']})",
+        r,
+        json_path,
+        overwrite,
+    )
+
+
+@evaluate.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--metric", type=click.Choice(["fd-digits"]), default="fd-digits", show_default=True)
+@click.option("--nfe", "nfe_list", default="1,2,4", show_default=True, help="NFE values to sweep, e.g. 1,2,4.")
+@click.option("--num", type=click.IntRange(min=2), default=1000, show_default=True, help="Images per point.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Plot PNG (metric vs NFE).")
+@batch_option(256)
+@network_option
+@device_option
+@json_option
+@overwrite_option
+def sweep(checkpoint, metric, nfe_list, num, out, batch_size, network, device, json_path, overwrite):
+    """A metric vs NFE on the default σ schedules of `cm sample`, plotted to --out.
+
+    Consistency models sample with multistep on the Karras grid; BCM models with the
+    ancestral chain. The same seeds are used at every NFE.
+
+    \b
+    Example:
+      cm eval sweep runs/digits-ict --metric fd-digits --nfe 1,2,4 --out sweep.png --json sweep.json
+    """
+    import cm_eval
+
+    nfes = parse_ints(nfe_list, "--nfe")
+    out = check_out(out, overwrite)
+    _precheck(json_path, overwrite)
+    model = load_model(checkpoint, network, device)
+    if model.kind == "diffusion":
+        raise CliError(f"sweep needs a consistency or BCM checkpoint; {model.checkpoint} is a diffusion model")
+    if model.kind == "bcm":
+        sampler, lists, options = "bcm", [chain_sigmas(model, k) for k in nfes], {}
+    else:
+        sampler, lists, options = "multistep", [default_sigmas(model, k) for k in nfes], {"sigma_min": model.sigma_min}
+    metrics = {"fd-digits": cm_eval.fd_digits}
+    result = cm_eval.nfe_sweep(
+        model.function,
+        metrics[metric],
+        {"karras": lists},
+        seeds=num,
+        shape=model.sample_shape,
+        sampler=sampler,
+        batch_size=batch_size,
+        num_classes=model.num_classes or None,
+        device=device,
+        progress=progress("sweep", unit="schedule"),
+        **options,
+    )
+    cm_eval.plot_metric_vs_nfe(result, out, metric_name=metric)
+    rows = result["karras"]
+    _finish(
+        f"{metric} vs NFE: " + ", ".join(f"{r['nfe']}: {r['metric']:.4f}" for r in rows) + f"; plot {out}",
+        result,
+        json_path,
+        overwrite,
+    )
+
+
+COMMANDS = [evaluate]

@@ -1,0 +1,72 @@
+"""``cm info``: versions, devices, compiled kernels and attention backends, with the reasons."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import click
+
+PACKAGES = ("cm-kernels", "cm-core", "cm-nets", "cm-train", "cm-eval", "cm-tools")
+ATTENTION_WHY_NOT = {
+    "fused": "cm-kernels is not installed (pip install 'cm-nets[kernels]')",
+    "flash": "flash-attn is not installed (pip install flash-attn; CUDA, fp16/bf16 only)",
+    "xformers": "xformers is not installed (pip install xformers; CUDA only)",
+}
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@click.command()
+def info() -> None:
+    """Versions, devices, cm_kernels build and active ops, attention backends; exits 0.
+
+    \b
+    Example:
+      cm info
+    """
+    import torch
+
+    out = click.echo
+    out(f"python      {sys.version.split()[0]} ({platform.platform()})")
+    out(f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'}, threads {torch.get_num_threads()})")
+    for dist in PACKAGES:
+        out(f"{dist:<11} {_version(dist)}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out(f"device      cuda:{i} {p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})")
+    else:
+        out("device      cpu only (torch sees no CUDA GPU)")
+
+    try:
+        import cm_kernels
+        from cm_kernels import _build_info as build
+    except Exception as exc:  # a broken build must not hide the rest of the report
+        out(f"cm_kernels  unavailable: {type(exc).__name__}: {exc}")
+    else:
+        archs = ", ".join(build.CUDA_ARCHS) or "none"
+        out(f"cm_kernels  built against torch {build.TORCH_VERSION}, CUDA {build.TORCH_CUDA_VERSION or 'none'}, "
+            f"archs {archs}")  # fmt: skip
+        if not build.WITH_CUDA:
+            out(f"            {build.CUDA_REASON}")
+        for op, entry in cm_kernels.backends().items():
+            out(f"  op {op:<26} {entry['backend']:<10} {entry['reason']}")
+
+    import cm_nets
+
+    available = set(cm_nets.available_backends())
+    out("attention backends (cm_nets):")
+    for name in cm_nets.BACKENDS[1:]:
+        state = "available" if name in available else f"missing: {ATTENTION_WHY_NOT.get(name, 'not installed')}"
+        out(f"  {name:<9} {state}")
+    out("  auto      picks the fastest available backend per call (device, dtype, head dim); logged once")
+
+
+COMMANDS = [info]

@@ -1,0 +1,106 @@
+"""The ``cm`` command group: global options and the one place where errors become exit codes.
+
+Exit codes: 0 success; 1 a failure (missing or wrong checkpoint, bad file contents, a library's
+ValueError / FileNotFoundError / ConfigError); 2 a usage error (bad option, value out of range).
+Every error is one line on stderr, ``error: …``; ``cm --debug …`` re-raises with the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .commands import bench, convert, demo, edit, evaluate, info, invert, sample, stats, train
+
+# Exceptions the libraries raise for bad inputs: their message is the whole story.
+_EXPECTED = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    ImportError,
+    KeyError,
+)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _message(exc: BaseException) -> str:
+    text = _one_line(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+    if isinstance(exc, _EXPECTED) and text:
+        return text
+    return f"{type(exc).__name__}: {text or 'no message'} (rerun as `cm --debug …` for the traceback)"
+
+
+class CmGroup(click.Group):
+    """A click group whose errors are one ``error: …`` line and an exit code (see the module doc)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise _Failure(_message(exc)) from exc
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(1)
+        # Non-standalone click returns the status of an Exit (--help, ctx.exit(n)); commands return None.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Failure(click.ClickException):
+    exit_code = 1
+
+
+@click.group(cls=CmGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--debug", is_flag=True, help="Show Python tracebacks instead of one-line errors.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch (torch.set_num_threads); default: torch's own choice.",
+)
+@click.version_option(__version__, prog_name="cm")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
+    """Train, sample, edit, invert, evaluate and benchmark consistency models.
+
+    \b
+    Example:
+      cm sample runs/digits-ict --nfe 2 --num 64 --out samples.npz
+    """
+    ctx.obj = {"debug": debug}
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+for _module in (train, sample, edit, invert, evaluate, stats, bench, info, convert, demo):
+    for _command in _module.COMMANDS:
+        cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="cm")

@@ -1,0 +1,41 @@
+"""`cm demo --quick` end to end: trains all four models, scores them and writes the report.
+
+The quick budget (about a minute on 2 CPU cores) is too small for good samples; the checks are
+what any working run must show: finite numbers, the documented table, every picture in the
+page, and models far better than noise (FD-digits of pure noise is ~1,100, chance accuracy 10 %).
+"""
+
+import json
+import math
+import re
+
+from click.testing import CliRunner
+from cm_cli.main import cli
+
+
+def test_cm_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = report["table"]
+    got = {(r["model"], r["nfe"]) for r in rows}
+    assert got == {("teacher", k) for k in (3, 5, 9, 35)} | {(m, k) for m in ("ECT", "ICT", "BCM") for k in (1, 2, 4)}
+    for r in rows:
+        assert math.isfinite(r["fd_digits"]) and r["fd_digits"] > 0
+        assert 0 <= r["class_acc"] <= 1 and math.isfinite(r["ode_mse"])
+    by = {(r["model"], r["nfe"]): r for r in rows}
+    # Far better than noise, and the teacher improves with NFE (Heun 35 vs 3 NFE).
+    assert by[("teacher", 35)]["fd_digits"] < by[("teacher", 3)]["fd_digits"]
+    assert by[("ECT", 1)]["fd_digits"] < 800 and by[("ECT", 1)]["class_acc"] > 0.5
+    assert by[("teacher", 35)]["ode_mse"] < by[("teacher", 3)]["ode_mse"]
+    inv = report["edits"]["bcm_inversion"]
+    assert inv["mse"] < inv["mse_fresh_noise"]  # inversion keeps information about the image
+    # The printed table and the page.
+    assert "FD-digits" in result.output and "report.html" in result.output
+    html = (out / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,', html)
+    assert len(images) == len(rows) + 4 + 3 + 1  # sample grids, 4 plots, 3 edits, BCM pairs: nothing missing
+    # Never overwrites without consent.
+    again = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in (again.stderr if hasattr(again, "stderr") else again.output)
