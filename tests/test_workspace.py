@@ -85,3 +85,32 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = "bash scripts/install.sh && .venv/bin/python -m pytest"
     assert command in readme and command in ci
+
+
+def _versions() -> dict[str, str]:
+    return {
+        tomllib.loads((p / "pyproject.toml").read_text())["project"]["name"]: tomllib.loads(
+            (p / "pyproject.toml").read_text()
+        )["project"]["version"]
+        for p in PACKAGES + [TOOLS]
+    }
+
+
+@pytest.mark.parametrize("pkg", PACKAGES + [TOOLS], ids=lambda p: p.name)
+def test_sibling_ranges_admit_the_siblings_and_versions_agree(pkg):
+    """A sibling range that excludes the sibling's own version breaks every fresh install."""
+    from packaging.specifiers import SpecifierSet
+
+    versions = _versions()
+    project = tomllib.loads((pkg / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements += extra
+    for req in requirements:
+        m = re.fullmatch(r"(cm-[a-z]+)\s*([<>=!~].*)", req.split(";")[0].strip())
+        if m:
+            assert versions[m.group(1)] in SpecifierSet(m.group(2)), f"{pkg.name}: {req} excludes {versions[m.group(1)]}"
+    dist, import_name = _dist_and_import(pkg)
+    init = (pkg / "src" / import_name / "__init__.py").read_text()
+    declared = re.search(r'__version__ = "([^"]+)"', init)
+    assert declared and declared.group(1) == versions[dist], f"{import_name}.__version__ differs from pyproject"

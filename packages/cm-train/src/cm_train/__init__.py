@@ -13,7 +13,7 @@ from .images import make_grid, write_png
 from .inference import TrainedModel, kind_of, load_trained, resolve_checkpoint
 from .loop import DivergenceError, Trainer, build_function, run
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "ArrayDataset",
     "BatchStream",
