@@ -17,7 +17,9 @@ def test_cm_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    assert ".tmp-" not in text  # paths point into the output folder, not the temporary one
+    report = json.loads(text)
     rows = report["table"]
     got = {(r["model"], r["nfe"]) for r in rows}
     assert got == {("teacher", k) for k in (3, 5, 9, 35)} | {(m, k) for m in ("ECT", "ICT", "BCM") for k in (1, 2, 4)}

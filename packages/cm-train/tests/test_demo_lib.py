@@ -52,3 +52,26 @@ def test_quick_budget_is_smaller_everywhere():
     quick, full = demo.QUICK, demo.FULL
     for field in ("teacher_steps", "ect_steps", "ict_steps", "bcm_steps", "eval_samples"):
         assert getattr(quick, field) < getattr(full, field)
+
+
+def test_threads_are_set_for_the_run_and_restored(tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+
+    def fake(work, budget, quick, log):
+        seen.append(torch.get_num_threads())
+        return _fake_result()
+
+    monkeypatch.setattr(demo, "_run", fake)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        demo.run_demo(tmp_path / "a", quick=True, threads=1, log=lambda m: None)
+        assert seen == [1] and torch.get_num_threads() == 2
+        demo.run_demo(tmp_path / "b", quick=True, threads=None, log=lambda m: None)
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        demo.run_demo(tmp_path / "c", quick=True, threads=0)

@@ -9,7 +9,14 @@ import click
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--quick", is_flag=True, help="A shorter run (a smoke test, not the documented numbers).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def demo(out: str, quick: bool, overwrite: bool) -> None:
+@click.option(
+    "--threads",
+    "demo_threads",
+    type=click.IntRange(min=0),
+    default=1,
+    help="CPU threads; 1 repeats every number bit-for-bit (2 run only ~8% faster here), 0 keeps torch's setting.",
+)
+def demo(out: str, quick: bool, overwrite: bool, demo_threads: int) -> None:
     """Train small consistency models on the embedded digits and write a report.
 
     \b
@@ -22,7 +29,9 @@ def demo(out: str, quick: bool, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     from cm_train.demo import run_demo
 
-    result = run_demo(out, quick=quick, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    result = run_demo(
+        out, quick=quick, overwrite=overwrite, threads=demo_threads or None, log=lambda m: click.echo(m, err=True)
+    )
     click.echo(result["text"])
     click.echo(f"report: {result['report']}")
 
