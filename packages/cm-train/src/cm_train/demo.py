@@ -53,11 +53,12 @@ class DemoBudget:
     reference_steps: int = 80  # the ODE-error reference: Heun on a Karras grid of this many points
 
 
-# Sized on 2 CPU cores (bench/RESULTS.md): ~22 ms per EDM step, ~31 per ECT/iCT step, ~45 per BCM step.
+# Sized for ≤ 10 min with the install on 2 CPU cores, one thread: ~31 ms per EDM step, ~35 per ECT step,
+# ~50 per iCT step, ~80 per BCM step (see the stage times in report.json).
 FULL = DemoBudget(
     teacher_steps=3000,
     ect_steps=2000,
-    ict_steps=3000,
+    ict_steps=2200,
     bcm_steps=800,
     eval_samples=1000,
     search_samples=500,
