@@ -109,7 +109,8 @@ def test_sibling_ranges_admit_the_siblings_and_versions_agree(pkg):
     for req in requirements:
         m = re.fullmatch(r"(cm-[a-z]+)\s*([<>=!~].*)", req.split(";")[0].strip())
         if m:
-            assert versions[m.group(1)] in SpecifierSet(m.group(2)), f"{pkg.name}: {req} excludes {versions[m.group(1)]}"
+            have = versions[m.group(1)]
+            assert have in SpecifierSet(m.group(2)), f"{pkg.name}: {req} excludes {m.group(1)} {have}"
     dist, import_name = _dist_and_import(pkg)
     init = (pkg / "src" / import_name / "__init__.py").read_text()
     declared = re.search(r'__version__ = "([^"]+)"', init)

@@ -111,7 +111,8 @@ def bench_attention(device, dtype, B, H, N, d, args):
     by = {r[0]: r for r in rows}
     print(f"\nnormalized_attention (qkv)  {device}  {dtype}  B={B} H={H} N={N} d={d}")
     print(
-        f"{'impl':<22}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}{'f+b vs eager':>14}{'vs norm+SDPA':>14}"
+        f"{'impl':<22}{'fwd ms':>9}{'fwd TF/s':>10}{'f+b ms':>9}{'f+b TF/s':>10}"
+        f"{'f+b vs eager':>14}{'vs norm+SDPA':>14}"
     )
     for name, fwd, both, tf_f, tf_b in rows:
         print(
@@ -135,7 +136,8 @@ def main(argv=None) -> None:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, backends: {cm_kernels.backends()['normalized_attention']}"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"backends: {cm_kernels.backends()['normalized_attention']}"
     )
     for device in devices:
         bench_pseudo_huber(device, torch.float32, (256, 3, 64, 64), 0.00054 * (3 * 64 * 64) ** 0.5, args)

@@ -7,7 +7,7 @@ import cm_eval
 import numpy as np
 import pytest
 import torch
-from cm_eval import html_report, format_table, inversion_error, ode_solving_error, sample_batch, sample_images
+from cm_eval import format_table, html_report, inversion_error, ode_solving_error, sample_batch, sample_images
 
 SHAPE = (1, 4, 4)
 

@@ -22,7 +22,7 @@ def test_gradcheck_float64():
     target.requires_grad_()
     weight.requires_grad_()
     for reduction in ("mean", "sum", "none"):
-        fn = lambda p, t, w: cm_kernels.pseudo_huber_loss(p, t, 0.3, weight=w, reduction=reduction)  # noqa: E731
+        fn = lambda p, t, w, r=reduction: cm_kernels.pseudo_huber_loss(p, t, 0.3, weight=w, reduction=r)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (pred, target, weight))
 
 

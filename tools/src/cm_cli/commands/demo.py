@@ -14,7 +14,7 @@ import click
     "demo_threads",
     type=click.IntRange(min=0),
     default=1,
-    help="CPU threads; 1 repeats every number bit-for-bit (2 run only ~8% faster here), 0 keeps torch's setting.",
+    help="CPU threads; 1 repeats every number bit-for-bit (2 run ~20% faster, not bit-for-bit); 0: torch's choice.",
 )
 def demo(out: str, quick: bool, overwrite: bool, demo_threads: int) -> None:
     """Train small consistency models on the embedded digits and write a report.
