@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -130,30 +128,16 @@ def check_out(path, overwrite: bool) -> Path:
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, fsync, then os.replace: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Temporary file in the same folder, fsync, os.replace (cm_eval's writer): never half a file."""
+    from cm_eval import atomic_write_bytes as write
+
+    return write(path, data)
 
 
 def atomic_save_npz(path, **arrays) -> Path:
-    import io
+    from cm_eval import atomic_save_npz as save
 
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save(path, **arrays)
 
 
 def write_json(path, obj, overwrite: bool = True) -> Path:

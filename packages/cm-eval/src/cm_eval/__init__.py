@@ -5,7 +5,7 @@ statistics files, Fréchet distance, Inception Score, precision/recall, inversio
 ODE solving error (Direct CM), NFE sweeps and plots, and deterministic distributed sampling.
 """
 
-from ._io import decode_png, encode_png, load_image_folder, load_png, save_png
+from ._io import atomic_save_npz, atomic_write_bytes, decode_png, encode_png, load_image_folder, load_png, save_png
 from .dino import DINOv2Features, dinov2
 from .features import compute_stats, digits_class_accuracy, extract, fd_digits, image_grid, to_float, to_uint8
 from .inception import FIDInceptionV3, inception_fid
@@ -34,6 +34,8 @@ from .sweeps import (
 )
 
 __all__ = [
+    "atomic_save_npz",
+    "atomic_write_bytes",
     "DINOv2Features",
     "DigitsClassifier",
     "FIDInceptionV3",

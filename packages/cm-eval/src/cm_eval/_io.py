@@ -30,6 +30,7 @@ __all__ = [
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in the same folder, fsync, then os.replace it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
