@@ -17,7 +17,7 @@ from cm_core import bcm_invert, bcm_reconstruct
 
 from ._io import save_png
 from .features import image_grid, to_uint8
-from .sampling import PerImageNoise
+from .sampling import PerImageNoise, check_labels
 
 __all__ = ["inversion_error", "psnr"]
 
@@ -56,10 +56,7 @@ def inversion_error(
     seeds = list(range(len(images))) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(images):
         raise ValueError(f"need one seed per image: {len(seeds)} seeds for {len(images)} images")
-    if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if len(labels) != len(images):
-            raise ValueError(f"need one label per image: {len(labels)} labels for {len(images)} images")
+    labels = check_labels(labels, len(images), per="image")
     recon = []
     starts = range(0, len(images), batch_size)
     for i in progress(starts) if progress else starts:

@@ -16,19 +16,9 @@ import torch
 from cm_core import karras_sigmas, solve
 
 from ._io import atomic_save_npz
-from .sampling import PerImageNoise, parse_seeds, sample_batch
+from .sampling import PerImageNoise, check_labels, parse_seeds, sample_batch
 
 __all__ = ["teacher_solutions", "ode_solving_error", "default_teacher_sigmas"]
-
-
-def _check_labels(labels, seeds) -> torch.Tensor | None:
-    """One class label per seed (sliced with the batches), or None."""
-    if labels is None:
-        return None
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if len(labels) != len(seeds):
-        raise ValueError(f"need one label per seed: {len(labels)} labels for {len(seeds)} seeds")
-    return labels
 
 
 def default_teacher_sigmas(n: int = 80, sigma_min: float = 0.002, sigma_max: float = 80.0) -> list[float]:
@@ -58,7 +48,7 @@ def teacher_solutions(
     another path) rather than being silently reused.
     """
     seeds = parse_seeds(seeds)
-    labels = _check_labels(labels, seeds)
+    labels = check_labels(labels, len(seeds))
     ts = [float(s) for s in teacher_sigmas]
     key = {
         "seeds": np.array(seeds, np.int64),
@@ -119,7 +109,7 @@ def ode_solving_error(
     ``progress`` wraps the teacher's batch iterator (the long part).
     """
     seeds = parse_seeds(seeds)
-    labels = _check_labels(labels, seeds)
+    labels = check_labels(labels, len(seeds))
     teacher_sigmas = default_teacher_sigmas() if teacher_sigmas is None else teacher_sigmas
     x_teacher = teacher_solutions(
         denoiser,

@@ -105,6 +105,16 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
+def check_labels(labels, count: int, per: str = "seed") -> torch.Tensor | None:
+    """Class labels as a long tensor with one entry per seed (or image), or None."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) != count:
+        raise ValueError(f"need one label per {per}: {len(labels)} labels for {count} {per}s")
+    return labels
+
+
 def _check_sampler(sampler, sigmas) -> tuple[Callable, list[float]]:
     fn = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
     if fn is None:
@@ -139,10 +149,8 @@ def sample_batch(
     noise = PerImageNoise(seeds)
     z = noise.randn(shape).to(device, dtype)
     cond = dict(options.pop("cond", {}) or {})
+    labels = check_labels(labels, len(seeds))
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if len(labels) != len(seeds):
-            raise ValueError(f"need one label per seed: {len(labels)} labels for {len(seeds)} seeds")
         if num_classes is not None:
             noise.randint(num_classes)  # keep each image's draw order whether or not labels are given
             if labels.min() < 0 or labels.max() >= num_classes:

@@ -17,7 +17,7 @@ import torch
 
 from ._io import atomic_write_bytes, atomic_write_json, save_png
 from .features import image_grid, to_uint8
-from .sampling import parse_seeds, sample_batch
+from .sampling import check_labels, parse_seeds, sample_batch
 
 __all__ = [
     "sample_images",
@@ -38,10 +38,7 @@ def sample_images(
     ``labels``: one class per seed for a conditional ``f`` (sliced with the batches);
     ``progress``: wraps the batch iterator (e.g. tqdm)."""
     seeds = parse_seeds(seeds)
-    if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if len(labels) != len(seeds):
-            raise ValueError(f"need one label per seed: {len(labels)} labels for {len(seeds)} seeds")
+    labels = check_labels(labels, len(seeds))
     return torch.cat(
         [
             sample_batch(
