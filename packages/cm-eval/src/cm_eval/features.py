@@ -71,7 +71,10 @@ def extract(extractor, images, *, key: str, value_range=(-1.0, 1.0), batch_size:
     ``images``: an array/tensor of images (see :func:`to_float`) or an iterable of batches.
     ``value_range``: what the extractor expects ((0, 1) for Inception/DINOv2, (−1, 1) for digits).
     """
-    device = torch.device(device) if device is not None else next(extractor.parameters()).device
+    if device is None:  # the extractor's own device; CPU for one without parameters
+        first = next(extractor.parameters(), None) if isinstance(extractor, torch.nn.Module) else None
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
     for batch in _batches(images, batch_size):
         out = extractor(to_float(batch, value_range).to(device))
         if key not in out:
