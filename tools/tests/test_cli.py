@@ -463,3 +463,36 @@ def test_demo_refuses_existing_output(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     fails(cm("demo", "--out", out), 1, str(out), "--overwrite")
+
+
+def test_eval_fid_and_fd_dino_compute_the_frechet_distance(tmp_path, monkeypatch):
+    """The shared FID / FD-DINOv2 path with a stand-in extractor (the real weights are not offline)."""
+    from cm_cli.commands import evaluate
+
+    class Pixels(torch.nn.Module):  # features: the first 6 pixel values of each image in [0, 1]
+        def forward(self, x):
+            feats = x.flatten(1)[:, :6].double()
+            return {"pool": feats, "features": feats}
+
+    monkeypatch.setattr(evaluate, "_inception", lambda path: Pixels())
+    monkeypatch.setattr(cm_eval, "dinov2", lambda path: Pixels())
+    rng = np.random.default_rng(0)
+    fake = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    real = rng.integers(0, 200, (50, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=fake)
+    np.savez(tmp_path / "ref.npz", arr_0=real)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"stand-in")
+
+    def stats(a):
+        f = (a.astype(np.float64) / 255).transpose(0, 3, 1, 2).reshape(len(a), -1)[:, :6]
+        return f.mean(0), np.cov(f, rowvar=False)
+
+    expected = cm_eval.frechet_distance(*stats(fake), *stats(real))
+    out = ok(cm("eval", "fid", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception",
+                str(weights), "--json", str(tmp_path / "fid.json")))  # fmt: skip
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] == pytest.approx(expected, rel=1e-6)
+    assert "FID" in out.output
+    ok(cm("eval", "fd-dino", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--dino", str(weights),
+          "--json", str(tmp_path / "dino.json")))  # fmt: skip
+    assert json.loads((tmp_path / "dino.json").read_text())["fd_dinov2"] == pytest.approx(expected, rel=1e-6)

@@ -79,6 +79,16 @@ def _reference(ref, net, key: str, batch_size: int) -> dict:
     return {"mu": mu, "sigma": sigma}
 
 
+def _frechet(net, key: str, samples, ref, batch_size: int, desc: str) -> tuple[float, int]:
+    """Fréchet distance of SAMPLES' ``key`` features to the reference, and the number of samples."""
+    import cm_eval
+
+    images, _ = load_uint8(samples)
+    mu, sigma = _stats(net, images, key, batch_size, desc)
+    r = _reference(ref, net, key, batch_size)
+    return cm_eval.frechet_distance(mu, sigma, r["mu"], r["sigma"]), len(images)
+
+
 def _finish(line: str, result: dict, json_path, overwrite: bool) -> None:
     click.echo(line)
     echo_json(result, json_path, overwrite)
@@ -115,15 +125,10 @@ def fid(samples, ref, inception, batch_size, json_path, overwrite):
     Example:
       cm eval fid samples.npz --ref cifar10-32x32.npz --inception pt_inception-2015-12-05-6726825d.pth
     """
-    import cm_eval
 
     _precheck(json_path, overwrite)
-    net = _inception(inception)
-    images, _ = load_uint8(samples)
-    mu, sigma = _stats(net, images, "pool", batch_size, "inception features")
-    r = _reference(ref, net, "pool", batch_size)
-    value = cm_eval.frechet_distance(mu, sigma, r["mu"], r["sigma"])
-    _finish(f"FID {value:.4f} ({len(images)} images)", {"fid": value, "num_images": len(images)}, json_path, overwrite)
+    value, n = _frechet(_inception(inception), "pool", samples, ref, batch_size, "inception features")
+    _finish(f"FID {value:.4f} ({n} images)", {"fid": value, "num_images": n}, json_path, overwrite)
 
 
 @evaluate.command("fd-dino")
@@ -146,12 +151,8 @@ def fd_dino(samples, ref, dino, batch_size, json_path, overwrite):
 
     _precheck(json_path, overwrite)
     net = cm_eval.dinov2(_weights(dino, "DINOv2", DINO_WHERE))
-    images, _ = load_uint8(samples)
-    mu, sigma = _stats(net, images, "features", batch_size, "dinov2 features")
-    r = _reference(ref, net, "features", batch_size)
-    value = cm_eval.frechet_distance(mu, sigma, r["mu"], r["sigma"])
-    _finish(f"FD_DINOv2 {value:.4f} ({len(images)} images)", {"fd_dinov2": value, "num_images": len(images)},
-            json_path, overwrite)  # fmt: skip
+    value, n = _frechet(net, "features", samples, ref, batch_size, "dinov2 features")
+    _finish(f"FD_DINOv2 {value:.4f} ({n} images)", {"fd_dinov2": value, "num_images": n}, json_path, overwrite)
 
 
 @evaluate.command("precision-recall")
