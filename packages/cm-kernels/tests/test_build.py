@@ -2,6 +2,7 @@
 error fails CPU-only CI), the backend report, and the build-info record."""
 
 import concurrent.futures
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,16 +14,31 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
 
 
-def test_cuda_sources_compile_with_nvcc(tmp_path):
+OPS = ("pseudo_huber_fwd", "normalized_attention_fwd", "normalized_attention_qkv_fwd")
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cm_kernels::{op}", "CUDA")
+
+
+def test_cuda_kernels_compiled_and_linked_or_sources_compile(tmp_path):
+    """A CUDA build's kernels are registered for the CUDA dispatch key (compiled and linked, no
+    GPU needed to check); without one, every .cu still compiles with nvcc for sm_80 and sm_90 so a
+    CUDA syntax error fails a CPU-only run."""
     from cm_kernels import _build_config as cfg
 
-    nvcc = cfg.nvcc_path()
-    if nvcc is None:
-        pytest.skip("nvcc not found (no CUDA_HOME and not on PATH): cannot compile the .cu files")
+    if cm_kernels._STATE.loaded and cm_kernels._STATE.with_cuda:
+        missing = [op for op in OPS if not _has_cuda_kernel(op)]
+        assert not missing, f"built with CUDA but no CUDA kernel registered for {missing}"
+        return
+    toolkit, notes = cfg.find_toolkit()
+    if toolkit is None:
+        pytest.skip(f"no CUDA toolkit to compile the .cu files: {'; '.join(notes) or 'no nvcc'}")
     assert CU_FILES, f"no .cu files under {CSRC / 'cuda'}"
+    includes = [f"-I{d}" for d in toolkit.include_dirs]
 
     def compile_one(cu: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        cmd = [nvcc, "-c", str(cu), "-o", str(tmp_path / f"{cu.stem}.o"), "-std=c++17"]
+        cmd = [toolkit.nvcc, "-c", str(cu), "-o", str(tmp_path / f"{cu.stem}.o"), "-std=c++17", *includes]
         cmd += cfg.NVCC_FLAGS + cfg.gencode_flags(["80", "90"])
         return cu, subprocess.run(cmd, capture_output=True, text=True)
 
@@ -30,6 +46,21 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         results = list(pool.map(compile_one, CU_FILES))
     failures = [f"{cu.name}:\n{r.stderr}" for cu, r in results if r.returncode != 0]
     assert not failures, "\n".join(failures)
+
+
+def test_build_record_matches_the_binary():
+    """What _build_info says was built is what the loaded extension has; a build asked for CUDA
+    (CM_KERNELS_CUDA=1, as CI does) has it."""
+    if not cm_kernels._STATE.loaded or cm_kernels._STATE.source != "aot":
+        pytest.skip(f"no ahead-of-time build loaded: {cm_kernels._STATE.reason}")
+    from cm_kernels import _build_info as info
+
+    assert all(_has_cuda_kernel(op) == bool(info.WITH_CUDA) for op in OPS), info.CUDA_REASON
+    if info.CUDA_MODE == "1" or os.environ.get("CM_KERNELS_CUDA") == "1":
+        assert info.WITH_CUDA, f"CM_KERNELS_CUDA=1 but the build has no CUDA kernels: {info.CUDA_REASON}"
+        assert set(info.CUDA_ARCHS) >= {"80", "90"} or os.environ.get("CM_KERNELS_CUDA_ARCHS")
+    if info.WITH_CUDA:
+        assert info.CUDA_HOME and info.NVCC_VERSION.split(".")[0] == torch.version.cuda.split(".")[0]
 
 
 def test_cu_files_include_no_torch_headers():

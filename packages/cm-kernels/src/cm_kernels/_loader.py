@@ -48,22 +48,32 @@ def _load_jit() -> ExtState:
 
     if not _CSRC.is_dir():
         raise FileNotFoundError(f"CM_KERNELS_JIT=1 needs the C++ sources, not found at {_CSRC}")
-    with_cuda, reason = cfg.cuda_decision()
+    # No test build here (it costs seconds per import); a broken toolkit fails the JIT build,
+    # which falls back to the reference with the reason.
+    decision = cfg.cuda_decision()
+    with_cuda = decision.with_cuda
     archs = cfg.cuda_archs() if with_cuda else []
     key = cfg.source_hash(_CSRC, with_cuda, archs)
     cache = Path(os.environ.get("CM_KERNELS_JIT_DIR", Path.home() / ".cache" / "cm_kernels"))
     build_dir = cache / f"jit-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    include_dirs, link_flags = [], []
+    if with_cuda:
+        cfg.use_toolkit(decision.toolkit)
+        include_dirs = list(decision.toolkit.include_dirs)
+        link_flags = [f"-L{d}" for d in cfg.link_dirs(decision.toolkit, build_dir / "cudart-link")]
     load(
         name=f"cm_kernels_jit_{key}",
         sources=[str(p) for p in cfg.sources(_CSRC, with_cuda)],
         extra_cflags=cfg.CXX_FLAGS + (["-DCM_KERNELS_WITH_CUDA=1"] if with_cuda else []),
         extra_cuda_cflags=cfg.NVCC_FLAGS + cfg.gencode_flags(archs),
+        extra_include_paths=include_dirs,
+        extra_ldflags=link_flags,
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,
     )
-    return ExtState(True, with_cuda, reason, "jit")
+    return ExtState(True, with_cuda, decision.reason, "jit")
 
 
 def load_extension() -> ExtState:

@@ -51,13 +51,18 @@ def info() -> None:
     except Exception as exc:  # a broken build must not hide the rest of the report
         out(f"cm_kernels  unavailable: {type(exc).__name__}: {exc}")
     else:
-        archs = ", ".join(build.CUDA_ARCHS) or "none"
-        out(f"cm_kernels  built against torch {build.TORCH_VERSION}, CUDA {build.TORCH_CUDA_VERSION or 'none'}, "
-            f"archs {archs}")  # fmt: skip
-        if not build.WITH_CUDA:
-            out(f"            {build.CUDA_REASON}")
-        for op, entry in cm_kernels.backends().items():
-            out(f"  op {op:<26} {entry['backend']:<10} {entry['reason']}")
+        kernels = f"CPU + CUDA (sm_{', sm_'.join(build.CUDA_ARCHS)})" if build.WITH_CUDA else "CPU only"
+        out(f"cm_kernels  {kernels}, built against torch {build.TORCH_VERSION} "
+            f"(CM_KERNELS_CUDA={getattr(build, 'CUDA_MODE', '?')})")  # fmt: skip
+        if getattr(build, "CUDA_HOME", None):
+            out(f"            toolkit {build.CUDA_HOME} (nvcc {build.NVCC_VERSION})")
+        out(f"            {build.CUDA_REASON}")
+        report = cm_kernels.backends()
+        out("  ops       " + ", ".join(f"{op} {entry['backend']}" for op, entry in report.items()))
+        for why in sorted({entry["reason"] for entry in report.values()}):  # what adds to the build line
+            extra = why.removeprefix(build.CUDA_REASON).lstrip(",; ")
+            if extra:
+                out(f"            {extra}")
 
     import cm_nets
 
