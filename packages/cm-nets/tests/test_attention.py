@@ -95,6 +95,26 @@ def test_unsupported_call_is_explained():
     assert A.resolve_backend("auto", q, "qkv") == "sdpa"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_normalizations_keep_float64_and_widen_half(dtype):
+    # torch >= 2.14 refuses vector_norm(dtype=float32) on float64 input; half must still
+    # accumulate in float32. Truth: the formulas in float64.
+    from cm_nets.edm2 import normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64).to(dtype)
+    x64 = x.double()
+    heads = A.normalize_heads(x)
+    whole = normalize(x)
+    assert heads.dtype == dtype and whole.dtype == dtype
+    want_heads = x64 / (1e-4 + x64.norm(dim=-1, keepdim=True) / math.sqrt(8))
+    norm_all = x64.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    want_whole = x64 / (1e-4 + norm_all * math.sqrt(1 / x64[0].numel()))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(heads.double(), want_heads, rtol=tol, atol=tol)
+    torch.testing.assert_close(whole.double(), want_whole, rtol=tol, atol=tol)
+
+
 def test_auto_logs_once(caplog):
     A._logged.clear()
     q = torch.randn(1, 1, 4, 16, dtype=torch.float64)

@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .layers import vector_norm_fp32
+
 logger = logging.getLogger("cm_nets")
 
 BACKENDS = ("auto", "math", "sdpa", "fused", "flash", "xformers")
@@ -127,8 +129,8 @@ def resolve_backend(backend: str, q: torch.Tensor, normalize: str = "none") -> s
 
 
 def normalize_heads(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """x / (eps + ‖x‖/√d) over the last dim, the norm in float32 (EDM2 ``normalize``)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    """x / (eps + ‖x‖/√d) over the last dim, the norm in at least float32 (EDM2 ``normalize``)."""
+    norm = vector_norm_fp32(x, dim=-1)
     return x / (eps + norm / math.sqrt(x.shape[-1])).to(x.dtype)
 
 

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import attention_qkv, check_backend
-from .layers import check_c_noise
+from .layers import check_c_noise, vector_norm_fp32
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """x / (eps + ‖x‖·√(numel(norm)/numel(x))) over ``dim`` (default all but the first)."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = vector_norm_fp32(x, dim=dim)
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 

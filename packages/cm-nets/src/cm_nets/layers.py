@@ -16,13 +16,20 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+def vector_norm_fp32(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:
+    """‖x‖ over ``dim`` accumulated in at least float32: half inputs are widened, float64 stays
+    float64 (torch ≥ 2.14 refuses a narrowing ``dtype=`` in ``vector_norm``)."""
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 def sinusoidal_embedding(
     c_noise: torch.Tensor, dim: int, max_period: float = 10000.0, endpoint: bool = False, flip: bool = False
 ) -> torch.Tensor:
     """[cos(c·f_i), sin(c·f_i)] with f_i = max_period^(−i/(half − endpoint)), i < half = dim/2.
 
     ``endpoint=False`` is openai's ``timestep_embedding`` (ADM, CM, iCT, BCM); ``endpoint=True``
-    with ``flip=True`` ([sin, cos]) is EDM's DDPM++ ``PositionalEmbedding``. Computed in float32."""
+    is EDM's ``PositionalEmbedding(endpoint=True)`` (DDPM++), whose output EDM's ``SongUNet`` then
+    swaps to [sin, cos] (``flip=True`` gives that order directly). Computed in float32."""
     if c_noise.dim() != 1:
         raise ValueError(f"c_noise must be a 1-D per-sample tensor [B], got shape {tuple(c_noise.shape)}")
     half = dim // 2
