@@ -351,3 +351,27 @@ def test_lpips_input_errors(random_lpips):
         random_lpips(torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16))
     with pytest.raises(ValueError, match="shape"):
         random_lpips(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 8, 8))
+
+
+def test_lpips_matches_the_lpips_package(tmp_path):
+    # The independent reference is the `lpips` package's own network: its VGG-16 with a random
+    # backbone (pnet_rand: nothing downloaded) and the linear heads it ships. Our LPIPS reads the
+    # same backbone as a torchvision state dict and the heads from the package's file.
+    lpips = pytest.importorskip("lpips", reason="pip install 'cm-core[lpips]'")
+    torch.manual_seed(3)
+    theirs = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    backbone = {}
+    for key, value in theirs.net.state_dict().items():  # slice{k}.{index in vgg16().features}.{weight,bias}
+        _, index, name = key.split(".")
+        backbone[f"features.{index}.{name}"] = value
+    assert len(backbone) == 2 * len(VGG16_CONVS)
+    torch.save(backbone, tmp_path / "vgg16.pth")
+    ours = LPIPS(backbone_weights=tmp_path / "vgg16.pth", head_weights="lpips", resize=None)
+
+    x, y = _images(23, n=3, size=32)
+    with torch.no_grad():
+        want = theirs(x, y, normalize=False).flatten()  # inputs already in [-1, 1]
+    got = ours(x, y)
+    assert bool((want > 0).all())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x, x), torch.zeros(3), rtol=0, atol=1e-6)

@@ -42,14 +42,34 @@ class DINOv2Features(nn.Module):
         return {"features": self.vit((x - self.mean) / self.std)}
 
 
-def dinov2(weights_path, *, model_name: str = "vit_large_patch14_dinov2", resolution: int = 224) -> DINOv2Features:
-    """The DINOv2 feature extractor in eval mode; ``weights_path=None`` gives random weights (tests)."""
+# DINOv2 sizes by embedding width (Oquab et al. 2023, Table 17): ViT-S/B/L/g with patch 14.
+_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+
+
+def dinov2_model_name(state: dict[str, torch.Tensor]) -> str:
+    """timm's model name for a DINOv2 state dict (Meta's or timm's layout): the size from the
+    width of ``cls_token``, the ``_reg4`` variant when it carries register tokens."""
+    cls = state.get("cls_token")
+    if cls is None or cls.ndim != 3 or cls.shape[-1] not in _SIZES:
+        raise ValueError(
+            "not a DINOv2 ViT state dict: no cls_token of width 384/768/1024/1536 "
+            "(expected Meta's dinov2_vit*14_pretrain.pth or a timm vit_*_patch14_dinov2 state dict)"
+        )
+    reg = "_reg4" if "register_tokens" in state or "reg_token" in state else ""
+    return f"vit_{_SIZES[cls.shape[-1]]}_patch14{reg}_dinov2"
+
+
+def dinov2(weights_path, *, model_name: str | None = None, resolution: int = 224) -> DINOv2Features:
+    """The DINOv2 feature extractor in eval mode; ``weights_path=None`` gives random weights (tests).
+
+    ``model_name``: timm's architecture; by default read from the weights (ViT-S/B/L/g, with or
+    without registers), and ViT-L/14 — the one FD-DINOv2 is reported with — for random weights."""
     try:
         import timm
         from timm.models.vision_transformer import checkpoint_filter_fn
     except ImportError as e:
         raise ImportError("DINOv2 features need timm: pip install 'cm-eval[dino]'") from e
-    vit = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=resolution)
+    state = None
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
@@ -58,6 +78,13 @@ def dinov2(weights_path, *, model_name: str = "vit_large_patch14_dinov2", resolu
                 "vit_large_patch14_dinov2.lvd142m state dict (see the cm-eval README)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if model_name is None:
+            try:
+                model_name = dinov2_model_name(state)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+    vit = timm.create_model(model_name or "vit_large_patch14_dinov2", pretrained=False, num_classes=0, img_size=resolution)
+    if state is not None:
         state = checkpoint_filter_fn(state, vit)
         missing, unexpected = vit.load_state_dict(state, strict=False)
         if missing or unexpected:
