@@ -3,7 +3,8 @@
     python tools/bench/kernels.py                  # CPU (and CUDA when a GPU is visible)
     python tools/bench/kernels.py --no-compile     # skip torch.compile baselines (slow on CPU)
 
-Timings are medians over --repeat runs after --warmup runs. Bandwidth counts the bytes a fused
+Timings are medians over --repeat runs after --warmup runs (implementations interleaved
+round-robin; CUDA events on a GPU, see timing.py). Bandwidth counts the bytes a fused
 kernel must move: pseudo-Huber forward 2*N*bytes (read pred, target), forward+backward
 3*N*bytes (as specified: read pred, target, write grad; the recompute read is not counted).
 Attention FLOPs: forward 4*B*H*Nq*Nk*d (two GEMMs), forward+backward 3.5x that (the backward's
@@ -13,53 +14,12 @@ five GEMMs count 2.5x the forward, the FlashAttention convention).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import cm_kernels
 import torch
 import torch.nn.functional as F
 from cm_kernels import reference
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fns: dict, device: str, warmup: int, repeat: int) -> dict:
-    """Median wall time (ms) per callable. Runs are interleaved round-robin, so background load
-    on a shared machine hits every implementation alike and the ratios stay meaningful."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _fwd_bwd(fn, inputs, grad_inputs):
-    def run():
-        for x in grad_inputs:
-            x.grad = None
-        out = fn(*inputs)
-        out.backward(torch.ones_like(out))
-
-    return run
-
-
-def _fwd(fn, inputs):
-    def run():
-        with torch.no_grad():
-            fn(*inputs)
-
-    return run
+from timing import forward_backward, forward_only, median_ms
 
 
 def bench_pseudo_huber(device, dtype, shape, c, args):
@@ -73,9 +33,9 @@ def bench_pseudo_huber(device, dtype, shape, c, args):
     if not args.no_compile:
         impls["compiled reference"] = torch.compile(lambda p, t: reference.pseudo_huber_loss(p, t, c))
     n_bytes = pred.numel() * pred.element_size()
-    fwd = median_ms({k: _fwd(f, (pred, target)) for k, f in impls.items()}, device, args.warmup, args.repeat)
+    fwd = median_ms({k: forward_only(f, (pred, target)) for k, f in impls.items()}, device, args.warmup, args.repeat)
     both = median_ms(
-        {k: _fwd_bwd(f, (pred, target), (pred,)) for k, f in impls.items()}, device, args.warmup, args.repeat
+        {k: forward_backward(f, (pred, target), (pred,)) for k, f in impls.items()}, device, args.warmup, args.repeat
     )
     rows = [(k, fwd[k], both[k], 2 * n_bytes / fwd[k] / 1e6, 3 * n_bytes / both[k] / 1e6) for k in impls]
     eager = {r[0]: r for r in rows}["eager reference"]
@@ -103,9 +63,9 @@ def bench_attention(device, dtype, B, H, N, d, args):
         impls["compiled reference"] = torch.compile(reference.normalized_attention)
         impls["compiled norm+SDPA"] = torch.compile(norm_sdpa)
     flops = 4 * B * H * N * N * d
-    fwd = median_ms({k_: _fwd(f, (q, k, v)) for k_, f in impls.items()}, device, args.warmup, args.repeat)
+    fwd = median_ms({k_: forward_only(f, (q, k, v)) for k_, f in impls.items()}, device, args.warmup, args.repeat)
     both = median_ms(
-        {k_: _fwd_bwd(f, (q, k, v), (q, k, v)) for k_, f in impls.items()}, device, args.warmup, args.repeat
+        {k_: forward_backward(f, (q, k, v), (q, k, v)) for k_, f in impls.items()}, device, args.warmup, args.repeat
     )
     rows = [(k_, fwd[k_], both[k_], flops / fwd[k_] / 1e9, 3.5 * flops / both[k_] / 1e9) for k_ in impls]
     by = {r[0]: r for r in rows}

@@ -16,11 +16,10 @@ with the reason instead of a number.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import cm_nets
 import torch
+from timing import median_ms
 
 # preset -> (input shape without batch, needs labels, BCM, default CPU batch, default CUDA batch)
 SHAPES = {
@@ -34,11 +33,6 @@ SHAPES = {
     "adm-imagenet64-bcm": ((3, 64, 64), True, True, 1, 64),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _has_attention(net: torch.nn.Module) -> bool:
@@ -98,23 +92,11 @@ def bench_preset(name, backends, device, dtype, batch, warmup, repeat):
             loss.backward()
 
         runs[backend] = (fwd, fwd_bwd)
-    times = {b: ([], []) for b in runs}
-    for _ in range(warmup):
-        for f, fb in runs.values():
-            f()
-            fb()
-    _sync(device)
-    for _ in range(repeat):
-        for b, (f, fb) in runs.items():
-            for i, fn in enumerate((f, fb)):
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[b][i].append(time.perf_counter() - t0)
+    ms = median_ms({(b, i): fn for b, fns in runs.items() for i, fn in enumerate(fns)}, device, warmup, repeat)
     rows = []
-    for b, (tf, tfb) in times.items():
-        f_med, fb_med = statistics.median(tf), statistics.median(tfb)
-        rows.append((name, b, batch, batch / f_med, f_med * 1e3, batch / fb_med, fb_med * 1e3))
+    for b in runs:
+        f_ms, fb_ms = ms[b, 0], ms[b, 1]
+        rows.append((name, b, batch, batch / f_ms * 1e3, f_ms, batch / fb_ms * 1e3, fb_ms))
     return rows, skipped, cm_nets.count_parameters(net)
 
 

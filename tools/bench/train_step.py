@@ -17,6 +17,7 @@ import time
 import cm_core
 import cm_nets
 import torch
+from timing import sync
 
 SETUPS = {
     # preset: (objective name, objective kwargs, image shape, c_noise, default GPU batch)
@@ -26,13 +27,17 @@ SETUPS = {
 }
 
 
-def bench(preset, variant, device, batch, steps, warmup):
-    name, kwargs, shape, c_noise, _ = SETUPS[preset]
+def make_step(preset, variant, device, batch, *, overrides=None, shape=None):
+    """-> (step, net): ``step()`` runs one optimizer step of SETUPS[preset]'s objective on a fixed
+    random batch; ``overrides`` go to ``cm_nets.create`` and ``shape`` replaces the image shape
+    (gpu.py's tiny CPU run of the same preset)."""
+    name, kwargs, preset_shape, c_noise, _ = SETUPS[preset]
+    device = torch.device(device)
     torch.manual_seed(0)
     backend = {"fused": "fused", "sdpa": "sdpa"}.get(variant.split("+")[-1], None)
-    overrides = (
-        {"attention_backend": backend} if backend and "attention_backend" in cm_nets.preset_config(preset) else {}
-    )
+    overrides = dict(overrides or {})
+    if backend and "attention_backend" in cm_nets.preset_config(preset):
+        overrides["attention_backend"] = backend
     net = cm_nets.create(preset, **overrides).to(device)
     cond = {}
     if getattr(net, "num_classes", None):
@@ -42,27 +47,39 @@ def bench(preset, variant, device, batch, steps, warmup):
     objective = cm_core.create_objective(name, **kwargs)
     opt = torch.optim.RAdam(net.parameters(), lr=1e-4)
     dtype = torch.bfloat16 if "bf16" in variant else None
-    x0 = torch.randn((batch,) + shape, device=device)
+    x0 = torch.randn((batch,) + tuple(shape or preset_shape), device=device)
     gen = torch.Generator(device).manual_seed(0)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss, _ = objective(model, x0, step=1000, generator=gen, **cond)
         opt.zero_grad(set_to_none=True)
         loss.float().mean().backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+    return step, net
+
+
+def bench(preset, variant, device, batch, steps, warmup, *, overrides=None, shape=None, deadline=None):
+    """-> (median step s, img/s, peak GiB (CUDA, else nan), timed steps). ``deadline`` (a
+    ``time.monotonic()`` value) ends the run early, after one warm-up and one timed step."""
+    device = torch.device(device)
+    step, _ = make_step(preset, variant, device, batch, overrides=overrides, shape=shape)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if deadline is not None and time.monotonic() > deadline and times:
+            break
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return med, batch / med, peak
+    return med, batch / med, peak, len(times)
 
 
 def main():
@@ -91,7 +108,7 @@ def main():
         batch = args.batch or (SETUPS[preset][4] if device.type == "cuda" else 2)
         for variant in variants:
             try:
-                med, ips, peak = bench(preset, variant, device, batch, args.steps, args.warmup)
+                med, ips, peak, _ = bench(preset, variant, device, batch, args.steps, args.warmup)
                 print(f"| {preset} | {variant} | {batch} | {med:.3f} | {ips:.2f} | {peak:.2f} |", flush=True)
             except Exception as exc:  # a missing backend is a row, not a crash
                 print(f"| {preset} | {variant} | {batch} | failed: {type(exc).__name__}: {exc} | | |", flush=True)

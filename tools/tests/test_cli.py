@@ -433,7 +433,9 @@ def test_bench(monkeypatch, tmp_path, capfd):
     ok(cm("bench", "kernels", "--help"))  # the script's own argparse help, passed through (a subprocess)
     assert "--no-compile" in capfd.readouterr().out
     assert cm("bench", "kernels", "--no-such-flag").exit_code == 2  # the script's exit status comes back
-    fails(cm("bench", "gpu"), 2, "gpu")
+    fails(cm("bench", "no-such-bench"), 2, "no-such-bench")
+    ok(cm("bench", "gpu", "--help"))  # tools/bench/gpu.py, the measuring part of tools/gpu_check.sh
+    assert "--tiny" in capfd.readouterr().out
     from cm_cli.commands import bench
 
     monkeypatch.setattr(bench, "bench_dir", lambda: tmp_path / "bench")
@@ -453,7 +455,7 @@ def test_convert(monkeypatch, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     fails(cm("convert", "openai", src, "--out", out), 1, "exists", "--overwrite")
     ok(cm("convert", "openai", src, "--out", out, "--overwrite"))
-    fails(cm("convert", "edm", src, "--out", tmp_path / "e.safetensors"), 2, "--preset")
+    fails(cm("convert", "edm", src, "--out", tmp_path / "e.safetensors"), 1, "model.pt is not a readable pickle")
     fails(cm("convert", "tf", src, "--out", tmp_path / "e.safetensors"), 2, "tf")
     fails(cm("convert", "openai", tmp_path / "none.pt", "--out", tmp_path / "f.safetensors"), 1, "none.pt")
     fails(cm("convert", "openai", src, "--out", tmp_path / "f.bin"), 2, ".safetensors")

@@ -10,7 +10,7 @@ import click
 
 from .._common import CliError
 
-SCRIPTS = {"kernels": "kernels.py", "nets": "nets.py", "step": "train_step.py", "eval": "eval.py"}
+SCRIPTS = {"kernels": "kernels.py", "nets": "nets.py", "step": "train_step.py", "eval": "eval.py", "gpu": "gpu.py"}
 
 
 def bench_dir() -> Path:
@@ -23,11 +23,15 @@ def bench_dir() -> Path:
 @click.argument("name", type=click.Choice(sorted(SCRIPTS)))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name: str, args: tuple[str, ...]) -> None:
-    """Run a benchmark (kernels, nets, step, eval); ARGS go to the script (`cm bench NAME --help`).
+    """Run a benchmark (kernels, nets, step, eval, gpu); ARGS go to the script (`cm bench NAME --help`).
+
+    `cm bench gpu` is the measuring part of tools/gpu_check.sh (which also installs, builds the
+    CUDA kernels and runs the cuda tests).
 
     \b
     Example:
       cm bench kernels --no-compile --repeat 5
+      cm bench gpu --device cpu --tiny
     """
     script = bench_dir() / SCRIPTS[name]
     if not script.is_file():
