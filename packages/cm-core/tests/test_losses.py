@@ -353,6 +353,7 @@ def test_lpips_input_errors(random_lpips):
         random_lpips(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 8, 8))
 
 
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")  # lpips calls vgg16(pretrained=…)
 def test_lpips_matches_the_lpips_package(tmp_path):
     # The independent reference is the `lpips` package's own network: its VGG-16 with a random
     # backbone (pnet_rand: nothing downloaded) and the linear heads it ships. Our LPIPS reads the
