@@ -6,7 +6,7 @@ networks also take ``c_noise_end``.
 
 Public API: ``create(name, **overrides)``, ``presets()``, ``describe(name)``,
 ``save(module, path)`` / ``load(path)`` (safetensors + JSON), ``from_openai(...)`` /
-``from_edm(...)`` (checkpoint converters), ``attention`` / ``available_backends()`` /
+``from_edm(...)`` / ``read_edm_snapshot(...)`` (checkpoint converters), ``attention`` / ``available_backends()`` /
 ``set_attention_backend(module, name)``, and the classes ``ADMUNet``, ``SongUNet``,
 ``EDM2UNet``, ``MLPToy``.
 """
@@ -17,7 +17,16 @@ from torch import nn
 
 from .adm import ADMUNet
 from .backends import BACKENDS, attention, attention_qkv, available_backends, check_backend, resolve_backend
-from .convert import UnsafePickleError, from_edm, from_openai, read_edm_pickle, read_openai_checkpoint
+from .convert import (
+    EDMSnapshot,
+    UnsafePickleError,
+    edm_architecture,
+    from_edm,
+    from_openai,
+    read_edm_pickle,
+    read_edm_snapshot,
+    read_openai_checkpoint,
+)
 from .edm2 import EDM2UNet
 from .presets import PRESETS, create, describe, preset_config, presets
 from .serialization import load, read_config, save
@@ -30,6 +39,7 @@ __all__ = [
     "PRESETS",
     "ADMUNet",
     "EDM2UNet",
+    "EDMSnapshot",
     "MLPToy",
     "SongUNet",
     "UnsafePickleError",
@@ -39,6 +49,7 @@ __all__ = [
     "count_parameters",
     "create",
     "describe",
+    "edm_architecture",
     "from_edm",
     "from_openai",
     "load",
@@ -46,6 +57,7 @@ __all__ = [
     "presets",
     "read_config",
     "read_edm_pickle",
+    "read_edm_snapshot",
     "read_openai_checkpoint",
     "resolve_backend",
     "save",

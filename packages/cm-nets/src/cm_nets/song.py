@@ -90,10 +90,17 @@ class Conv2d(nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused_resample and self.up and w is not None:
+            # EDM's padding: the transposed FIR pass crops max(f_pad − w_pad, 0), the convolution pads
+            # max(w_pad − f_pad, 0), so the output is 2H × 2W (e.g. FIR [1,3,3,1] with a 3×3 kernel: the
+            # full 2H+2 up-sampled map, then an unpadded 3×3 convolution).
             x = F.conv_transpose2d(
-                x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=w_pad + f_pad
+                x,
+                f.mul(4).tile([self.in_channels, 1, 1, 1]),
+                groups=self.in_channels,
+                stride=2,
+                padding=max(f_pad - w_pad, 0),
             )
-            x = F.conv2d(x, w)
+            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
@@ -312,10 +319,13 @@ class SongUNet(nn.Module):
     ) -> torch.Tensor:
         B = x_in.shape[0]
         c_noise = check_c_noise(c_noise, B)
-        if self.map_noise is not None:
+        if self.map_noise is not None:  # NCSN++: random Fourier features [cos, sin]
             emb = self.map_noise(c_noise)
-        else:  # EDM's PositionalEmbedding(endpoint=True) followed by the sin/cos swap
-            emb = sinusoidal_embedding(c_noise, self.noise_channels, endpoint=True, flip=True)
+        else:  # DDPM++: EDM's PositionalEmbedding(endpoint=True), [cos, sin]
+            emb = sinusoidal_embedding(c_noise, self.noise_channels, endpoint=True)
+        # EDM's SongUNet.forward swaps the two halves ([cos, sin] → [sin, cos]) whatever the embedding
+        # type; its DDPM++ and NCSN++ weights were trained on the swapped order.
+        emb = emb.reshape(B, 2, -1).flip(1).reshape(B, -1)
         emb = emb.to(self.map_layer0.weight.dtype)
         if self.map_label is not None:
             if class_labels is None:

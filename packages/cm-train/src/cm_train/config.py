@@ -68,10 +68,27 @@ class ModelConfig:
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     c_noise: str = "edm"  # edm | openai
-    boundary: str = "shifted"  # shifted | edm (ECT trains with the plain EDM scalings)
+    boundary: str = "shifted"  # shifted | edm: the training scalings (ECT trains with the plain EDM ones)
     init: str = ""  # weights to start from (cm_nets checkpoint), e.g. an iCT model for BCM
     teacher: str = ""  # teacher cm_nets checkpoint (CD, ECT from a diffusion model, Direct CM)
     teacher_c_noise: str = "edm"
+    # How the trained function samples (sample grids, best-checkpoint metric, load_trained, `cm sample`,
+    # `cm eval`); the defaults repeat the training choices. ECT evaluates with the shifted boundary
+    # at σ_min = 0.003, re-noises with σ·ε and takes 2 steps through σ = 0.821.
+    sample_boundary: str = ""  # "" (= boundary) | shifted | edm
+    sample_sigma_min: float = 0.0  # 0 = sigma_min
+    sample_renoise: str = "cm"  # cm: √(σ² − σ_min²)·ε (CM Algorithm 1) | ect: σ·ε
+    sample_sigmas: tuple = ()  # the recipe's multistep σ list, e.g. [80.0, 0.821]; () = the Karras grid
+
+    @property
+    def eval_boundary(self) -> str:
+        """The boundary condition the trained function samples with."""
+        return self.sample_boundary or self.boundary
+
+    @property
+    def eval_sigma_min(self) -> float:
+        """The σ_min the trained function samples with (its boundary f(x, σ_min) = x when shifted)."""
+        return self.sample_sigma_min or self.sigma_min
 
 
 @dataclass
@@ -157,6 +174,8 @@ CHOICES = {
     "model.c_noise": ("edm", "openai"),
     "model.teacher_c_noise": ("edm", "openai"),
     "model.boundary": ("shifted", "edm"),
+    "model.sample_boundary": ("", "shifted", "edm"),
+    "model.sample_renoise": ("cm", "ect"),
     "optim.name": ("adam", "adamw", "radam"),
     "optim.decay": ("none", "cosine", "inverse-sqrt"),
     "precision.mode": ("fp32", "bf16", "fp16"),
@@ -306,4 +325,21 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
     else:
         data = _read_file(source)
     data = apply_overrides(data, list(overrides))
-    return _build(Config, data, "")
+    config = _build(Config, data, "")
+    _check_sampling(config.model)
+    return config
+
+
+def _check_sampling(m: ModelConfig) -> None:
+    if m.sample_sigma_min < 0:
+        raise ConfigError(f"model.sample_sigma_min must be >= 0 (0: model.sigma_min), got {m.sample_sigma_min}")
+    sigmas = m.sample_sigmas
+    if sigmas:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas):
+            raise ConfigError(f"model.sample_sigmas must be a list of numbers, got {list(sigmas)}")
+        m.sample_sigmas = tuple(float(v) for v in sigmas)
+        if any(b >= a for a, b in zip(m.sample_sigmas, m.sample_sigmas[1:])) or m.sample_sigmas[-1] < m.eval_sigma_min:
+            raise ConfigError(
+                f"model.sample_sigmas must decrease and stay >= the sampling sigma_min {m.eval_sigma_min}, "
+                f"got {list(m.sample_sigmas)}"
+            )

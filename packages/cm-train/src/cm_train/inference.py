@@ -42,12 +42,14 @@ class TrainedModel:
     objective: str
     sample_shape: tuple[int, ...]
     num_classes: int  # 0: unconditional
-    sigma_min: float
+    sigma_min: float  # the σ_min it samples with (model.sample_sigma_min, else model.sigma_min)
     sigma_max: float
     sigma_data: float
     checkpoint: Path
     network: str  # which weights: "net", "ema-<name>" or "target"
     config: Config
+    renoise: str = "cm"  # multistep re-noising: "cm" √(σ² − σ_min²)·ε, "ect" σ·ε (model.sample_renoise)
+    sample_sigmas: tuple[float, ...] = ()  # the recipe's multistep σ list (model.sample_sigmas), if any
 
     def cond(self, labels: torch.Tensor | None) -> dict:
         """Keyword arguments for the function: class labels when the model is conditional."""
@@ -122,7 +124,9 @@ def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:
         shape, num_classes = tuple(ds.sample_shape), ds.num_classes if cfg.data.conditional else 0
     name = _pick_network(ckpt, network)
     net = cm_nets.load(ckpt / f"{name}.safetensors", map_location=device)
-    f = build_function(objective, net, cfg).eval().requires_grad_(False)
+    # The function the model samples with: ECT trains with EDM's scalings and samples with the
+    # shifted boundary at its own σ_min (model.sample_boundary / model.sample_sigma_min).
+    f = build_function(objective, net, cfg, sampling=True).eval().requires_grad_(False)
     kwargs = cfg.objective.kwargs
     return TrainedModel(
         function=f,
@@ -130,10 +134,12 @@ def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:
         objective=objective,
         sample_shape=shape,
         num_classes=num_classes,
-        sigma_min=float(cfg.model.sigma_min),
+        sigma_min=float(cfg.model.eval_sigma_min),
         sigma_max=float(kwargs.get("sigma_max", 80.0)),
         sigma_data=float(cfg.model.sigma_data),
         checkpoint=ckpt,
         network=name,
         config=cfg,
+        renoise=cfg.model.sample_renoise,
+        sample_sigmas=tuple(cfg.model.sample_sigmas),
     )

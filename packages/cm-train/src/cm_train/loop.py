@@ -34,14 +34,19 @@ class DivergenceError(RuntimeError):
     """Training kept producing non-finite values after the allowed rollbacks."""
 
 
-def build_function(objective: str, net: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """Wrap a raw network into what the objective trains: f(x, σ), f(x, σ, σ_end) or D(x, σ)."""
+def build_function(objective: str, net: torch.nn.Module, cfg: Config, *, sampling: bool = False) -> torch.nn.Module:
+    """Wrap a raw network into what the objective trains: f(x, σ), f(x, σ, σ_end) or D(x, σ).
+
+    ``sampling=True``: the function the trained model samples with (``model.sample_boundary`` and
+    ``model.sample_sigma_min``; ECT trains with EDM's scalings and samples with the shifted boundary)."""
     m = cfg.model
+    sigma_min = m.eval_sigma_min if sampling else m.sigma_min
     if objective == "bcm":
-        return cm_core.BidirectionalConsistencyFunction(net, m.sigma_data, m.sigma_min, m.c_noise)
+        return cm_core.BidirectionalConsistencyFunction(net, m.sigma_data, sigma_min, m.c_noise)
     if objective in DIFFUSION:
         return cm_core.EDMDenoiser(net, m.sigma_data, m.c_noise)
-    return cm_core.ConsistencyFunction(net, m.sigma_data, m.sigma_min, m.c_noise, m.boundary)
+    boundary = m.eval_boundary if sampling else m.boundary
+    return cm_core.ConsistencyFunction(net, m.sigma_data, sigma_min, m.c_noise, boundary)
 
 
 def _net_meta(net: torch.nn.Module) -> dict | None:
@@ -127,6 +132,29 @@ def _make_objective(cfg: Config, teacher):
     return objective
 
 
+def _init_report(path: str, net: torch.nn.Module, src: torch.nn.Module, missing, unexpected) -> str:
+    """What model.init loaded, and what it left out and why (one log line)."""
+    total = len(net.state_dict())
+
+    def names(keys) -> str:
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    loaded = f"all {total}" if not missing else f"{total - len(missing)} of {total}"
+    parts = [f"initialized from {path}: {loaded} tensors of this model"]
+    if missing:
+        parts.append(f"not in the file, so freshly initialized: {names(missing)}")
+    if unexpected:
+        parts.append(f"in the file but not in this model, left out: {names(unexpected)}")
+    if "map_augment.weight" in unexpected:
+        dim = src.state_dict()["map_augment.weight"].shape[1]
+        parts.append(
+            f"map_augment.weight is EDM's augmentation conditioning (augment_dim={dim}); this model has none, as "
+            "ECT trains (--augment=0), and EDM's network skips map_augment without augment labels, so the model "
+            "starts from the file's D(x, σ) unchanged"
+        )
+    return "; ".join(parts)
+
+
 class Trainer:
     """Holds the run's state; ``train()`` is the loop. Built by :func:`run`."""
 
@@ -155,10 +183,15 @@ class Trainer:
             raise ConfigError(f"model: {exc}") from None
         if cfg.model.init:
             src = cm_nets.load(cfg.model.init)
-            missing, unexpected = net.load_state_dict(src.state_dict(), strict=False)
-            self._say(
-                f"initialized from {cfg.model.init} (missing {len(missing)}, unexpected {len(unexpected)} tensors)"
-            )
+            try:
+                missing, unexpected = net.load_state_dict(src.state_dict(), strict=False)
+            except RuntimeError as exc:  # a shape mismatch: another architecture
+                first = str(exc).strip().splitlines()[-1].strip()
+                raise ConfigError(
+                    f"model.init {cfg.model.init} does not fit model.preset {cfg.model.preset!r} with overrides "
+                    f"{overrides}: {first}"
+                ) from None
+            self._say(_init_report(cfg.model.init, net, src, missing, unexpected))
         self.net = net.to(self.device)
         distributed.broadcast_(list(self.net.parameters()) + list(self.net.buffers()))  # rank 0's weights win
         self.name = cfg.objective.name
@@ -322,9 +355,10 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def _eval_function(self) -> torch.nn.Module:
-        """What sample grids and evaluations use: the first EMA (else the online net), wrapped."""
+        """What sample grids and evaluations use: the first EMA (else the online net), wrapped for
+        sampling (model.sample_boundary / sample_sigma_min)."""
         net = next(iter(self.emas.values())).net if self.emas else self.net
-        return build_function(self.name, net, self.cfg).eval()
+        return build_function(self.name, net, self.cfg, sampling=True).eval()
 
     @torch.no_grad()
     def sample_grid(self) -> list[Path]:
@@ -338,11 +372,14 @@ class Trainer:
             sig = cm_core.edm_sampling_sigmas(18, self.cfg.model.sigma_min)
             runs = {"heun35": cm_core.solve(f, z * sig[0].item(), sig, **cond)}
         else:
+            m = self.cfg.model
             gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)
-            runs = {
-                "1step": cm_core.onestep_sample(f, z, **cond),
-                "2step": cm_core.multistep_sample(f, z, [80.0, 0.821], generator=gen, **cond),
-            }
+            sigmas = list(m.sample_sigmas) or [80.0, 0.821]  # ECT's 2-step σ's unless the recipe names its own
+            runs = {"1step": cm_core.onestep_sample(f, z, **cond)}
+            if len(sigmas) > 1:
+                runs[f"{len(sigmas)}step"] = cm_core.multistep_sample(
+                    f, z, sigmas, generator=gen, sigma_min=m.eval_sigma_min, renoise=m.sample_renoise, **cond
+                )
         for tag, x in runs.items():
             path = self.run_dir / "samples" / f"step-{self.step:08d}-{tag}.png"
             write_png(path, make_grid(x), scale=max(1, 64 // x.shape[-1]))

@@ -15,15 +15,26 @@ from .._common import check_out, overwrite_option
 @click.argument("kind", type=click.Choice(["openai", "edm"]))
 @click.argument("src", type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="DST.safetensors (+ DST.json).")
-@click.option("--preset", default=None, help="cm_nets preset (openai: guessed from the keys if omitted; edm: needed).")
+@click.option(
+    "--preset",
+    default=None,
+    help="cm_nets preset. openai: guessed from the keys if omitted. edm: read from the snapshot; "
+    "if given, it must match (a check).",
+)
 @click.option("--key", default="ema", show_default=True, help="EDM pickle entry holding the network.")
 @overwrite_option
 def convert(kind: str, src: str, out: str, preset: str | None, key: str, overwrite: bool) -> None:
-    """Convert an openai/iCT/BCM (.pt) or EDM (.pkl) checkpoint to cm_nets safetensors.
+    """Convert an openai/iCT/BCM (.pt) or EDM/ECT (.pkl) checkpoint to cm_nets safetensors.
+
+    EDM / ECT snapshots (network-snapshot-*.pkl written by their training loops, or the
+    published edm-*.pkl) are read without running the code they carry; the architecture
+    (DDPM++ or NCSN++, augment_dim, label_dim, resolution, widths, ...) comes from the
+    constructor arguments EDM recorded in the snapshot, and is printed.
 
     \b
-    Example:
+    Examples:
       cm convert openai cd_imagenet64_l2.pt --out cd-imagenet64.safetensors
+      cm convert edm edm-cifar10-32x32-uncond-vp.pkl --out checkpoints/edm-cifar10-uncond-vp.safetensors
     """
     import cm_nets
 
@@ -37,9 +48,22 @@ def convert(kind: str, src: str, out: str, preset: str | None, key: str, overwri
     if kind == "openai":
         module = cm_nets.from_openai(src, preset=preset)
     else:
-        if preset is None:
-            raise click.UsageError(f"cm convert edm needs --preset (one of {', '.join(cm_nets.presets())})")
-        module = cm_nets.from_edm(src, preset, key=key)
+        snapshot = cm_nets.read_edm_snapshot(src, key=key)
+        click.echo(f"{src} [{key!r}]: {snapshot.describe()}")
+        module = cm_nets.from_edm(snapshot, preset)
+        config = module.cm_nets_config
+        click.echo(f"cm_nets preset {config['preset']} with overrides {config['overrides'] or 'none'}")
+        if snapshot.model_kwargs.get("augment_dim"):
+            click.echo(
+                f"note: augment_dim {snapshot.model_kwargs['augment_dim']} is EDM's augmentation conditioning; "
+                "sampling passes no augment labels (as EDM's generate.py), and a model without it "
+                "(ECT: augment_dim 0) starts from these weights minus map_augment.weight"
+            )
+        if snapshot.precond == "ECMPrecond":
+            click.echo(
+                f"note: an ECT network samples with the shifted boundary f(x, {snapshot.sigma_min:g}) = x: "
+                f'set model.sample_boundary = "shifted" and model.sample_sigma_min = {snapshot.sigma_min:g}'
+            )
     # cm_nets.save writes two files in place; write them in a temporary folder beside --out, then move.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -317,6 +317,7 @@ def ode_error(checkpoint, teacher, num, nfe, teacher_steps, cache, batch_size, c
         seeds=num,
         shape=model.sample_shape,
         student_sigmas=default_sigmas(model, nfe),
+        renoise=model.renoise,
         teacher_sigmas=cm_eval.default_teacher_sigmas(teacher_steps, denoiser.sigma_min, denoiser.sigma_max),
         cache=cache,
         batch_size=batch_size,
@@ -365,7 +366,8 @@ def sweep(checkpoint, metric, nfe_list, num, out, batch_size, network, device, j
     if model.kind == "bcm":
         sampler, lists, options = "bcm", [chain_sigmas(model, k) for k in nfes], {}
     else:
-        sampler, lists, options = "multistep", [default_sigmas(model, k) for k in nfes], {"sigma_min": model.sigma_min}
+        lists = [default_sigmas(model, k, recipe=False) for k in nfes]  # the Karras sweep
+        sampler, options = "multistep", {"sigma_min": model.sigma_min, "renoise": model.renoise}
     metrics = {"fd-digits": cm_eval.fd_digits}
     result = cm_eval.nfe_sweep(
         model.function,

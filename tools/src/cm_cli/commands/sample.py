@@ -34,10 +34,13 @@ BCM_MIXTURE_DEFAULT = "0.12:0.4"  # BCM's 4-NFE mixture recipe: 80 → 3.0 → 0
 BCM_MIXTURE_MIDDLE = 3.0
 
 
-def default_sigmas(model, nfe: int) -> list[float]:
-    """Consistency sampling: k points of the Karras grid (ρ = 7) from σ_max down, σ_min excluded."""
+def default_sigmas(model, nfe: int, recipe: bool = True) -> list[float]:
+    """Consistency sampling: the recipe's σ list when it has k = nfe points (model.sample_sigmas,
+    e.g. ECT's 80, 0.821), else k points of the Karras grid (ρ = 7) from σ_max down, σ_min excluded."""
     import cm_core
 
+    if recipe and len(model.sample_sigmas) == nfe:
+        return list(model.sample_sigmas)
     if nfe == 1:
         return [model.sigma_max]
     grid = cm_core.karras_sigmas(nfe + 1, model.sigma_min, model.sigma_max).flip(0).tolist()
@@ -84,7 +87,7 @@ def plan(model, sampler: str, nfe: int, nfe_given: bool, sigmas, steps: int, zig
         ts = sigmas if sigmas is not None else default_sigmas(model, nfe)
         if sampler == "onestep" and len(ts) != 1:
             raise click.UsageError(f"--sampler onestep takes one σ; got {len(ts)} (use multistep)")
-        options = {} if sampler == "onestep" else {"sigma_min": model.sigma_min}
+        options = {} if sampler == "onestep" else {"sigma_min": model.sigma_min, "renoise": model.renoise}
         return sampler, ts, options, len(ts)
     if sampler == "bcm-ancestral":
         ts = sigmas if sigmas is not None else chain_sigmas(model, nfe)
@@ -148,8 +151,11 @@ def sample(ctx, checkpoint, nfe, sigmas, sampler, zigzag, steps, num, seeds, out
 
     \b
     Samplers (auto picks by the checkpoint's kind):
-      consistency  onestep: [σ_max]; multistep: --nfe k>1 takes k points of the
-                   Karras grid (ρ=7) from σ_max down, σ_min excluded (k=2: 80, 2.52)
+      consistency  onestep: [σ_max]; multistep: --nfe k>1 takes the recipe's σ list
+                   when it has k points (model.sample_sigmas; ECT: 80, 0.821), else k
+                   points of the Karras grid (ρ=7) from σ_max down, σ_min excluded
+                   (k=2: 80, 2.52); it re-noises as model.sample_renoise says (cm:
+                   √(σ²−σ_min²)·ε, ect: σ·ε)
       bcm          bcm-ancestral: --nfe k jumps along the Karras grid σ_max → σ_min;
                    bcm-zigzag: one jump σ_max → σ_min, then --zigzag rounds
                    (default 0.1:1.2, 3 NFE); bcm-mixture: 80 → 3.0 → σ_min, then
