@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# Installs the cm workspace into ./.venv (created if missing): torch, build tools, and every
-# package under packages/ in editable mode. Safe to re-run; a second run installs nothing new.
-#   CM_TORCH_SPEC   torch requirement to install (default torch==2.13.0; the packages only need torch>=2.4)
-#   PYTHON          interpreter used to create the venv (default python3)
+# Installs the cm workspace into ./.venv (created if missing): torch, build and test tools, and
+# every package under packages/ plus tools/ in editable mode. Safe to re-run.
+#
+#   CM_TORCH_SPEC     what to install for torch (default "torch==2.14.1 torchvision==0.29.1": the
+#                     default PyPI CUDA 13 builds, what users get from `pip install torch`; they run
+#                     on CPU-only machines too). "torch==2.13.0" is the small CPU-only wheel; with it
+#                     there is no torchvision, so timm and lpips (FD-DINOv2, LPIPS tests) are left out.
+#   CM_KERNELS_CUDA   1: build cm-kernels' CUDA kernels (fails if no CUDA toolkit works; CI sets it);
+#                     0: CPU kernels only; unset: CUDA kernels when a GPU is visible, since compiling
+#                     them takes about 3 minutes on 2 cores and a machine without a GPU cannot run them.
+#   CM_KERNELS_CUDA_ARCHS  SM architectures to compile (default "80;90").
+#   CM_INSTALL_OFFLINE=1  for a machine without a package index whose PYTHON already holds torch
+#                     (e.g. a lent GPU box's image): the venv sees that interpreter's packages
+#                     (--system-site-packages) and only the workspace's own packages are installed,
+#                     without their dependencies (tools/gpu_check.sh uses this).
+#   PYTHON            interpreter used to create the venv (default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${CM_TORCH_SPEC:-torch==2.13.0}
+TORCH_SPEC=${CM_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+start=$SECONDS
 
+OFFLINE=${CM_INSTALL_OFFLINE:-0}
 if [ ! -x .venv/bin/python ]; then
     echo "[install] creating .venv with $($PYTHON --version)"
-    "$PYTHON" -m venv .venv
+    if [ "$OFFLINE" = 1 ]; then
+        "$PYTHON" -m venv --system-site-packages .venv
+    else
+        "$PYTHON" -m venv .venv
+    fi
 fi
 pip_install() {
     # The machine's pip config lists local indexes that may be absent; drop only those warnings.
@@ -19,10 +37,34 @@ pip_install() {
         2> >(grep -v "^WARNING: Location 'file://" >&2)
 }
 
-echo "[install] $TORCH_SPEC, build and test tools"
-pip_install "$TORCH_SPEC" "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
-    "pytest>=7" "scipy>=1.9" "matplotlib>=3.7" "scikit-learn>=1.0" "pillow>=9" "pyyaml>=6" \
-    "mpi4py>=3.1" mpich "click>=8.1" "tqdm>=4.60"
+if [ "$OFFLINE" = 1 ]; then
+    echo "[install] offline: torch and the tools come from $PYTHON's own packages"
+    pip_install() {
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-index --no-deps "$@"
+    }
+else
+    echo "[install] $TORCH_SPEC, build and test tools"
+    # shellcheck disable=SC2086  # TORCH_SPEC holds one or more requirements
+    pip_install $TORCH_SPEC "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
+        "pytest>=7" "scipy>=1.9" "matplotlib>=3.7" "scikit-learn>=1.0" "pillow>=9" "pyyaml>=6" \
+        "mpi4py>=3.1" mpich "click>=8.1" "tqdm>=4.60" "safetensors>=0.4" "packaging>=23"
+    if .venv/bin/python -c "import torchvision" 2>/dev/null; then
+        # FD-DINOv2 (cm-eval[dino]) and the LPIPS package (cm-core[lpips]) both need torchvision.
+        pip_install "timm>=0.9" "lpips>=0.1.4"
+    else
+        echo "[install] no torchvision with $TORCH_SPEC: timm and lpips not installed (their tests will skip)"
+    fi
+fi
+
+if [ -z "${CM_KERNELS_CUDA:-}" ]; then
+    if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+        export CM_KERNELS_CUDA=auto
+        echo "[install] a GPU is visible: cm-kernels builds its CUDA kernels if a CUDA toolkit works (about 3 min)"
+    else
+        export CM_KERNELS_CUDA=0
+        echo "[install] no GPU visible: cm-kernels builds its CPU kernels (CM_KERNELS_CUDA=1 builds the CUDA ones too)"
+    fi
+fi
 
 # Lower packages first, down the dependency graph of DESIGN.md (cm-kernels is the leaf).
 # --no-build-isolation: the C++ extension must build against the torch installed above.
@@ -32,4 +74,11 @@ for pkg in packages/cm-kernels packages/cm-core packages/cm-nets packages/cm-eva
         pip_install --no-build-isolation -e "$pkg"
     fi
 done
-.venv/bin/python -c "import cm_core; print('[install] ok: cm_core', cm_core.__version__)"
+.venv/bin/python - <<'EOF'
+import torch
+import cm_core
+from cm_kernels import _build_info as b
+
+print(f"[install] ok: torch {torch.__version__}, cm_core {cm_core.__version__}; cm-kernels: {b.CUDA_REASON}")
+EOF
+echo "[install] done in $((SECONDS - start)) s"
