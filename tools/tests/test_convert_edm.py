@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from cm_cli.main import cli
-from cm_nets.testing import EasyDict, EDMRecord, edm_records, edm_snapshot_bytes
+from cm_nets.testing import EasyDict, EDMRecord, RunsShellCommand, edm_records, edm_snapshot_bytes
 
 # EDM's train.py --arch=ddpmpp with --augment: what SongUNet._init_kwargs records (shrunk).
 EDM_KWARGS = dict(
@@ -103,15 +103,10 @@ def test_convert_edm_conditional_and_ect(tmp_path):
     assert "model.sample_sigma_min = 0.003" in result.output
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
-
 @pytest.mark.parametrize(
     "payload,words",
     [
-        ({"ema": _Evil()}, ["refusing to load global", "system"]),
+        ({"ema": RunsShellCommand()}, ["refusing to load global", "system"]),
         ({"ema": np.array([None], dtype=object)}, ["refusing numpy dtype 'O8'"]),
         ({"ema": EDMRecord("VPPrecond", modules={})}, ["VPPrecond", "supported: EDMPrecond"]),
     ],

@@ -8,7 +8,7 @@ import types
 import cm_nets
 import pytest
 import torch
-from cm_nets.testing import SMALL, make_inputs
+from cm_nets.testing import SMALL, RunsEval, RunsShellCommand, make_inputs
 
 
 @pytest.mark.parametrize("name", ["adm-imagenet64-bcm", "ncsnpp-cifar10", "edm2-xs", "mlp-toy"])
@@ -158,19 +158,7 @@ def test_edm_pickle_round_trip(tmp_path, name):
         assert torch.equal(back.map_noise.freqs, net.map_noise.freqs)
 
 
-class _Evil:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned > /dev/null",))
-
-
-class _EvilEval:
-    def __reduce__(self):
-        return (eval, ("__import__('os').getcwd()",))
-
-
-@pytest.mark.parametrize("payload", [_Evil(), _EvilEval()], ids=["os.system", "eval"])
+@pytest.mark.parametrize("payload", [RunsShellCommand(), RunsEval()], ids=["os.system", "eval"])
 def test_malicious_pickle_is_refused(tmp_path, payload):
     data = pickle.dumps({"ema": payload})
     with pytest.raises(cm_nets.UnsafePickleError, match="refusing to load global"):
@@ -180,7 +168,7 @@ def test_malicious_pickle_is_refused(tmp_path, payload):
 def test_malicious_storage_bytes_are_refused():
     """torch.storage._load_from_bytes normally calls torch.load(weights_only=False)."""
     buf = io.BytesIO()
-    torch.save({"x": _Evil()}, buf)
+    torch.save({"x": RunsShellCommand()}, buf)
 
     class Smuggler:
         def __reduce__(self):

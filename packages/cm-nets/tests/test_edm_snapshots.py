@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cm_nets.testing import EasyDict, EDMRecord, edm_module_dict, edm_snapshot_bytes
+from cm_nets.testing import (
+    EasyDict,
+    EDMRecord,
+    RunsEval,
+    RunsShellCommand,
+    edm_module_dict,
+    edm_snapshot_bytes,
+)
 
 # ---------------------------------------------------------------- the reference EDM network
 
@@ -508,23 +515,11 @@ def test_numpy_scalars_dtypes_and_arrays_are_read_as_data(protocol):
     assert got["set"] == {1, 2}
 
 
-class _Evil:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned > /dev/null",))
-
-
-class _EvilEval:
-    def __reduce__(self):
-        return (eval, ("__import__('os').getcwd()",))
-
-
 @pytest.mark.parametrize(
     "payload,match",
     [
-        (_Evil(), "refusing to load global (os|posix).system"),
-        (_EvilEval(), r"refusing to load global (__builtin__|builtins)\.eval"),
+        (RunsShellCommand(), "refusing to load global (os|posix).system"),
+        (RunsEval(), r"refusing to load global (__builtin__|builtins)\.eval"),
         (np.array([1, "a"], dtype=object), "refusing numpy dtype 'O8'"),
         (np.float64, "refusing to load global numpy.float64"),
         (np.zeros(2, dtype=[("a", "f4")]), "refusing numpy dtype 'V4'"),

@@ -199,3 +199,20 @@ def edm_snapshot_bytes(snapshot: dict, protocol: int = 4) -> bytes:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+class RunsShellCommand:
+    """Pickles as a call of ``os.system``: what a safe loader must refuse (tests only; the command
+    is harmless)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+class RunsEval:
+    """Pickles as a call of ``eval``: what a safe loader must refuse (tests only)."""
+
+    def __reduce__(self):
+        return (eval, ("__import__('os').getcwd()",))
