@@ -168,7 +168,7 @@ def test_bcm_soft_term_with_exact_jumps_reduces_to_the_ict_term():
         outputs.append(out)
         return out
 
-    obj = BidirectionalConsistency(num_scales=21, c=0.03)
+    obj = BidirectionalConsistency(num_scales=21, huber_c=0.03)
     loss, stats = obj(f, _x0(16).double(), step=0, generator=torch.Generator().manual_seed(5))
     target, pred, jumped, pred_soft = outputs
     assert (pred_soft - pred).abs().max() < 1e-5
@@ -214,11 +214,11 @@ def _per_sigma_sq(s, s_next, sd):
 def test_cd_target_error_vanishes_as_n_grows():
     counts = [10, 20, 40, 80]
     exact = [
-        _mean_loss(ConsistencyDistillation(GAUSS.as_denoiser(), n, metric="l2", weight=_per_sigma_sq), _f_exact())
+        _mean_loss(ConsistencyDistillation(GAUSS.as_denoiser(), n, distance="l2", weight=_per_sigma_sq), _f_exact())
         for n in counts
     ]
     perturbed = [
-        _mean_loss(ConsistencyDistillation(GAUSS.as_denoiser(), n, metric="l2", weight=_per_sigma_sq), _f_exact(0.5))
+        _mean_loss(ConsistencyDistillation(GAUSS.as_denoiser(), n, distance="l2", weight=_per_sigma_sq), _f_exact(0.5))
         for n in counts
     ]
     # Heun's local error is O(Δ³): the Δ²-normalized loss of f* falls like Δ² (slope ≈ −2 per N).
@@ -231,14 +231,14 @@ def test_cd_target_error_vanishes_as_n_grows():
 
 def test_ct_loss_of_the_exact_function_vanishes_and_it_is_the_minimizer():
     def ct(n):
-        return ConsistencyTraining(1, s0=n - 1, s1=n - 1, metric="l2")  # fixed N = n
+        return ConsistencyTraining(1, s0=n - 1, s1=n - 1, distance="l2")  # fixed N = n
 
     counts = [10, 40, 160]
     raw = [_mean_loss(ct(n), _f_exact()) for n in counts]
     assert raw[0] > 4 * raw[1] > 16 * raw[2] * 0.5, raw  # → 0 roughly like 1/N²
 
     def normalized(n, f):
-        obj = ConsistencyTraining(1, s0=n - 1, s1=n - 1, metric="l2", weight=_per_sigma_sq)
+        obj = ConsistencyTraining(1, s0=n - 1, s1=n - 1, distance="l2", weight=_per_sigma_sq)
         return _mean_loss(obj, f)
 
     # CT's single-sample score estimate leaves a Δ²-sized variance term for every f, so the
@@ -251,7 +251,7 @@ def test_ct_loss_of_the_exact_function_vanishes_and_it_is_the_minimizer():
 def test_ict_loss_of_the_exact_function_vanishes():
     losses = []
     for n in (11, 41, 161):
-        obj = ImprovedConsistencyTraining(1, s0=n - 1, s1=n - 1, metric="l2")
+        obj = ImprovedConsistencyTraining(1, s0=n - 1, s1=n - 1, distance="l2")
         losses.append(_mean_loss(obj, _f_exact()))
     # λ = 1/Δσ times a Δσ²-sized squared difference: → 0 like Δσ.
     assert losses[0] > losses[1] > losses[2] and losses[2] < losses[0] / 4, losses
@@ -260,7 +260,7 @@ def test_ict_loss_of_the_exact_function_vanishes():
 def test_direct_cm_with_exact_teacher_and_student():
     errors = []
     for steps in (10, 20, 40):
-        obj = DirectConsistencyDistillation(GAUSS.as_denoiser(), 40, ode_steps=steps, metric="l2")
+        obj = DirectConsistencyDistillation(GAUSS.as_denoiser(), 40, ode_steps=steps, distance="l2")
         errors.append(_mean_loss(obj, _f_exact(), n=400))
     # The only residual is the teacher's Heun error: second order, so the loss falls ~16× per doubling.
     assert errors[0] > 8 * errors[1] > 64 * errors[2], errors
@@ -327,7 +327,7 @@ def test_registry_and_errors():
     with pytest.raises(ValueError, match="solver"):
         ConsistencyDistillation(MIX.as_denoiser(), solver="rk4")
     with pytest.raises(ValueError, match="distance"):
-        ConsistencyTraining(10, metric="l3")
+        ConsistencyTraining(10, distance="l3")
     with pytest.raises(ValueError, match="too small"):
         ImprovedConsistencyTraining(3)(ConsistencyFunction(TinyNet()), _x0(), step=0)
 

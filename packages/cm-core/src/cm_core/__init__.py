@@ -28,7 +28,15 @@ from .ema import (
 )
 from .gaussian import GaussianMixture
 from .losses import LPIPS, default_huber_c, l1, l2_norm, pseudo_huber, pseudo_huber_reference, squared_l2, weighting
-from .objectives import OBJECTIVES, create_objective
+from .functions import FUNCTIONS, FunctionKind, function_kind, register_function
+from .objectives import (
+    OBJECTIVES,
+    Objective,
+    create_objective,
+    get_objective,
+    objective_names,
+    register_objective,
+)
 from .parameterization import (
     BidirectionalConsistencyFunction,
     ConsistencyFunction,
@@ -58,12 +66,15 @@ __all__ = [
     "ConsistencyFunction",
     "ConsistencyScheduler",
     "EDMDenoiser",
+    "FUNCTIONS",
+    "FunctionKind",
     "GaussianMixture",
     "ICT_TARGET_EMA",
     "Identity",
     "LPIPS",
     "LinearOperator",
     "OBJECTIVES",
+    "Objective",
     "SchedulerOutput",
     "SuperResolution",
     "bcm_ancestral_sample",
@@ -86,7 +97,9 @@ __all__ = [
     "edm_scalings",
     "ema_update_",
     "euler_step",
+    "function_kind",
     "gamma_to_sigma_rel",
+    "get_objective",
     "heun_step",
     "ict_num_scales",
     "inpaint",
@@ -98,10 +111,13 @@ __all__ = [
     "lognormal_indices",
     "lognormal_sigmas",
     "multistep_sample",
+    "objective_names",
     "onestep_sample",
     "power_function_ema",
     "pseudo_huber",
     "pseudo_huber_reference",
+    "register_function",
+    "register_objective",
     "sigma_rel_to_gamma",
     "slerp",
     "solve",

@@ -14,6 +14,7 @@ from . import _validate as check
 
 __all__ = [
     "karras_sigmas",
+    "rho_grid",
     "edm_sampling_sigmas",
     "ct_num_scales",
     "ict_num_scales",
@@ -38,6 +39,18 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     # Pin the ends: the boundary condition f(x, σ_min) = x needs σ_0 == σ_min exactly.
     sigmas[0], sigmas[-1] = sigma_min, sigma_max
     return sigmas
+
+
+def rho_grid(start: torch.Tensor, end, num: int, rho: float = 7.0) -> torch.Tensor:
+    """Per-sample ρ-spaced grids, float64 [B, num], from ``start`` [B] to ``end`` (a number or [B]),
+    both included: (s^{1/ρ} + u·(e^{1/ρ} − s^{1/ρ}))^ρ for u = 0 … 1 — EDM's spacing of solver
+    steps (eq. 5) between two noise levels of each sample (Direct CM's teacher solve, CDM's chains)."""
+    num = check.integer_at_least("num", num, 2)
+    ramp = torch.linspace(0, 1, num, dtype=torch.float64, device=start.device)
+    a = start.to(torch.float64) ** (1 / rho)
+    b = end ** (1 / rho)
+    b = b[:, None] if torch.is_tensor(b) else b
+    return (a[:, None] + ramp[None] * (b - a[:, None])) ** rho
 
 
 def edm_sampling_sigmas(

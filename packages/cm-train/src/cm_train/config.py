@@ -93,9 +93,11 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "ict"  # a key of cm_core.OBJECTIVES
-    kwargs: dict = field(default_factory=dict)  # its constructor arguments (total_steps filled in)
-    target: str = "none"  # none | ct | ct-openai | constant: an EMA target network θ⁻ (CT, CD)
+    name: str = "ict"  # an objective name: built in, registered, or a cm.objectives plugin
+    kwargs: dict = field(default_factory=dict)  # its constructor arguments (run-dependent ones filled in)
+    # An EMA target network θ⁻ for objectives that take one: none (θ⁻ = stop-grad θ) | paper (the
+    # objective's own rule: CT's μ(N(k)), CD's constant μ) | ct | ct-openai | constant
+    target: str = "none"
     target_decay: float = 0.95  # target = "constant" (CD's μ)
     ct_s0: int = 2  # CT curriculum for target = "ct": μ(k) from N(k)
     ct_s1: int = 150
@@ -180,7 +182,7 @@ CHOICES = {
     "optim.decay": ("none", "cosine", "inverse-sqrt"),
     "precision.mode": ("fp32", "bf16", "fp16"),
     "ema.kind": ("constant", "power"),
-    "objective.target": ("none", "ct", "ct-openai", "constant"),
+    "objective.target": ("none", "paper", "ct", "ct-openai", "constant"),
     "checkpoint.best_metric": ("", "loss", "fd_digits"),
 }
 

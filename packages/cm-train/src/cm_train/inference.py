@@ -19,20 +19,18 @@ import torch
 
 from .checkpoint import latest_checkpoint
 from .config import Config, load_config
-from .loop import CONSISTENCY, DIFFUSION, build_function
+from .loop import build_function, function_kind_of
 
 __all__ = ["TrainedModel", "load_trained", "resolve_checkpoint", "kind_of"]
 
 
 def kind_of(objective: str) -> str:
-    """ "consistency" (f(x, σ)), "bcm" (f(x, σ, σ_end)) or "diffusion" (a denoiser D(x, σ))."""
-    if objective == "bcm":
-        return "bcm"
-    if objective in DIFFUSION:
-        return "diffusion"
-    if objective in CONSISTENCY:
-        return "consistency"
-    raise ValueError(f"unknown objective {objective!r}")
+    """The kind of function ``objective`` trains, as it declares: "consistency" (f(x, σ)), "bcm"
+    (f(x, σ, σ_end)), "diffusion" (a denoiser D(x, σ)) or a kind a plugin registers."""
+    try:
+        return function_kind_of(objective).name
+    except ValueError as exc:  # ConfigError is a ValueError
+        raise ValueError(str(exc).removeprefix("objective.name: ")) from None
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def resolve_checkpoint(path) -> Path:
 
 
 def _pick_network(ckpt: Path, network: str) -> str:
-    names = sorted(p.stem for p in ckpt.glob("*.safetensors"))
+    names = sorted(p.stem for p in ckpt.glob("*.safetensors") if not p.stem.startswith("extra-"))
     if network == "ema":
         emas = [n for n in names if n.startswith("ema-")]
         if emas:

@@ -24,29 +24,35 @@ from .config import Config, ConfigError, config_to_dict
 from .data import BatchStream, build_dataset
 from .images import make_grid, write_png
 
-__all__ = ["run", "build_function", "Trainer", "DivergenceError"]
-
-CONSISTENCY = ("ct", "ict", "cd", "ect", "direct-cm")
-DIFFUSION = ("edm", "cdm")
+__all__ = ["run", "build_function", "function_kind_of", "Trainer", "DivergenceError"]
 
 
 class DivergenceError(RuntimeError):
     """Training kept producing non-finite values after the allowed rollbacks."""
 
 
+def function_kind_of(objective: str) -> cm_core.FunctionKind:
+    """The kind of function ``objective`` trains, as the objective declares it."""
+    try:
+        return cm_core.function_kind(cm_core.get_objective(objective).function)
+    except ValueError as exc:
+        raise ConfigError(f"objective.name: {exc}") from None
+
+
 def build_function(objective: str, net: torch.nn.Module, cfg: Config, *, sampling: bool = False) -> torch.nn.Module:
-    """Wrap a raw network into what the objective trains: f(x, σ), f(x, σ, σ_end) or D(x, σ).
+    """Wrap a raw network into what the objective trains (its declared function kind: f(x, σ),
+    f(x, σ, σ_end), D(x, σ), …).
 
     ``sampling=True``: the function the trained model samples with (``model.sample_boundary`` and
     ``model.sample_sigma_min``; ECT trains with EDM's scalings and samples with the shifted boundary)."""
     m = cfg.model
-    sigma_min = m.eval_sigma_min if sampling else m.sigma_min
-    if objective == "bcm":
-        return cm_core.BidirectionalConsistencyFunction(net, m.sigma_data, sigma_min, m.c_noise)
-    if objective in DIFFUSION:
-        return cm_core.EDMDenoiser(net, m.sigma_data, m.c_noise)
-    boundary = m.eval_boundary if sampling else m.boundary
-    return cm_core.ConsistencyFunction(net, m.sigma_data, sigma_min, m.c_noise, boundary)
+    return function_kind_of(objective).build(
+        net,
+        sigma_data=m.sigma_data,
+        sigma_min=m.eval_sigma_min if sampling else m.sigma_min,
+        c_noise=m.c_noise,
+        boundary=m.eval_boundary if sampling else m.boundary,
+    )
 
 
 def _net_meta(net: torch.nn.Module) -> dict | None:
@@ -102,21 +108,48 @@ def _lr_at(cfg, step: int, total: int) -> float:
     return o.lr * scale
 
 
+def _objective_class(cfg: Config) -> type[cm_core.Objective]:
+    try:
+        return cm_core.get_objective(cfg.objective.name)
+    except ValueError as exc:
+        raise ConfigError(f"objective.name: {exc}") from None
+
+
+def _target_rule(cfg: Config, cls: type[cm_core.Objective]) -> str | None:
+    """The EMA rule of the target network θ⁻ (objective.target), or None: θ⁻ = stop-grad θ."""
+    rule, name = cfg.objective.target, cfg.objective.name
+    if rule == "none":
+        return None
+    if not cls.takes_target:
+        raise ConfigError(
+            f"objective.target = {rule!r}: objective {name!r} uses no target network (its target is the "
+            "stop-gradient of the online network); set objective.target = \"none\""
+        )
+    if rule == "paper":
+        if cls.target_rule is None:
+            raise ConfigError(
+                f"objective.target = \"paper\": the paper of objective {name!r} uses no EMA target network; "
+                "set objective.target = \"none\" or a rule (ct, ct-openai, constant)"
+            )
+        return cls.target_rule
+    return rule
+
+
 def _make_objective(cfg: Config, teacher):
     name = cfg.objective.name
-    if name not in cm_core.OBJECTIVES:
-        raise ConfigError(f"objective.name must be one of {sorted(cm_core.OBJECTIVES)}, got {name!r}")
-    cls = cm_core.OBJECTIVES[name]
+    cls = _objective_class(cfg)
     params = inspect.signature(cls).parameters
     kwargs = dict(cfg.objective.kwargs)
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ConfigError(f"objective.kwargs.{unknown[0]} is not an argument of {name!r}; valid: {sorted(params)}")
-    if "total_steps" in params and name != "bcm" and "total_steps" not in kwargs:
-        kwargs["total_steps"] = cfg.run.total_steps
-    if name == "ect" and "double_steps" not in kwargs:
-        kwargs["double_steps"] = max(1, cfg.run.total_steps // 8)
-    if "teacher" in params:
+        renamed = {"metric": "distance", "c": "distance and huber_c"}.get(unknown[0])  # cm < 0.3 spellings
+        hint = f" (renamed: use {renamed})" if renamed else ""
+        raise ConfigError(
+            f"objective.kwargs.{unknown[0]} is not an argument of {name!r}{hint}; valid: {sorted(params)}"
+        )
+    for key, value in cls.run_defaults(total_steps=cfg.run.total_steps).items():
+        kwargs.setdefault(key, value)
+    if cls.needs_teacher:
         if teacher is None:
             raise ConfigError(f"objective {name!r} needs a teacher: set model.teacher to a cm_nets checkpoint")
         kwargs["teacher"] = teacher
@@ -195,22 +228,33 @@ class Trainer:
         self.net = net.to(self.device)
         distributed.broadcast_(list(self.net.parameters()) + list(self.net.buffers()))  # rank 0's weights win
         self.name = cfg.objective.name
+        self.kind = function_kind_of(self.name)
         self.f = build_function(self.name, self.net, cfg)
         teacher = None
         if cfg.model.teacher:
             tnet = cm_nets.load(cfg.model.teacher, map_location=self.device).eval().requires_grad_(False)
             teacher = cm_core.EDMDenoiser(tnet, cfg.model.sigma_data, cfg.model.teacher_c_noise)
         self.objective = objective if objective is not None else _make_objective(cfg, teacher)
+        # What the objective declares: a given Objective speaks for itself; any other callable (a
+        # wrapper) runs under the declarations of the configured objective.
+        declared = type(self.objective) if isinstance(self.objective, cm_core.Objective) else _objective_class(cfg)
+        self.target_rule = _target_rule(cfg, declared)
         self.target = None
-        if cfg.objective.target != "none":
+        if self.target_rule is not None:
             self.target = copy.deepcopy(self.f).requires_grad_(False)
             self.objective.target = self.target
+        # Trainable modules the objective adds (e.g. a learned loss weighting): optimized,
+        # all-reduced and checkpointed with the network.
+        extra_modules = getattr(self.objective, "extra_modules", dict)
+        self.extra = {k: m.to(self.device) for k, m in extra_modules().items()}
+        for mod in self.extra.values():
+            distributed.broadcast_(list(mod.parameters()) + list(mod.buffers()))
         self.model = torch.compile(self.f) if cfg.run.compile else self.f
 
         o = cfg.optim
         opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[o.name]
         self.optimizer = opt_cls(
-            self.net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            self._trainable(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
         )
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision.mode]
         self.scaler = torch.amp.GradScaler(
@@ -235,6 +279,11 @@ class Trainer:
         self.fixed_labels = torch.arange(shape[0]) % max(self.dataset.num_classes, 1)
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """The network's parameters, then the objective's extra modules' (a fixed order)."""
+        mods = [self.net, *self.extra.values()]
+        return [p for mod in mods for p in mod.parameters() if p.requires_grad]
+
     def _say(self, msg: str) -> None:
         if self.info.is_main:
             self.log_fn(f"[cm-train] {msg}")
@@ -279,6 +328,8 @@ class Trainer:
                 networks[f"ema-{name}"] = (ema.net.state_dict(), meta)
             if self.target is not None:
                 networks["target"] = (self.target.net.state_dict(), meta)
+            for name, mod in self.extra.items():
+                networks[f"extra-{name}"] = (mod.state_dict(), None)
             protect = (Path(self.best[1]),) if self.best and self.best[1] else ()
             path = save_checkpoint(
                 self.run_dir,
@@ -309,6 +360,8 @@ class Trainer:
                 ema.net.load_state_dict(networks[key])
         if self.target is not None and "target" in networks:
             self.target.net.load_state_dict(networks["target"])
+        for name, mod in self.extra.items():
+            mod.load_state_dict(networks[f"extra-{name}"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["stream"])
@@ -368,7 +421,7 @@ class Trainer:
         z = self.fixed_noise.to(self.device)
         cond = self._cond(self.fixed_labels)
         out = []
-        if self.name in DIFFUSION:
+        if self.kind.name == "diffusion":
             sig = cm_core.edm_sampling_sigmas(18, self.cfg.model.sigma_min)
             runs = {"heun35": cm_core.solve(f, z * sig[0].item(), sig, **cond)}
         else:
@@ -498,7 +551,7 @@ class Trainer:
                 )
             except ImportError:
                 bar = None
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        params = self._trainable()
         t_last, n_last, last = time.time(), self.step, {}
         by_sigma: list[tuple[torch.Tensor, torch.Tensor]] = []  # (σ, loss) per sample, for the log
         while self.step < total:
@@ -598,7 +651,7 @@ class Trainer:
 
     def _update_target(self, step: int) -> float:
         o = self.cfg.objective
-        if o.target == "constant":
+        if self.target_rule == "constant":
             mu = o.target_decay
         else:
             mu = cm_core.ct_target_ema(
@@ -607,7 +660,7 @@ class Trainer:
                 o.ct_s0,
                 o.ct_s1,
                 o.target_decay,
-                variant="openai" if o.target == "ct-openai" else "paper",
+                variant="openai" if self.target_rule == "ct-openai" else "paper",
             )
         cm_core.ema_update_(self.target.net.parameters(), self.net.parameters(), mu)
         return mu

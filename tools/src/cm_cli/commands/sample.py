@@ -22,13 +22,6 @@ from .._common import (
 )
 
 SAMPLERS = ("auto", "onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture", "heun")
-# Which samplers each kind of checkpoint can run (a BCM f(x, σ) with σ_end = σ_min is a consistency function).
-FITS = {
-    "consistency": ("onestep", "multistep"),
-    "bcm": ("onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture"),
-    "diffusion": ("heun",),
-}
-AUTO = {"consistency": "multistep", "bcm": "bcm-ancestral", "diffusion": "heun"}
 BCM_ZIGZAG_DEFAULT = "0.1:1.2"  # BCM's 3-NFE zigzag recipe: one jump σ_max → σ_min, then (0.1, 1.2)
 BCM_MIXTURE_DEFAULT = "0.12:0.4"  # BCM's 4-NFE mixture recipe: 80 → 3.0 → 0.002, then (0.12, 0.4)
 BCM_MIXTURE_MIDDLE = 3.0
@@ -67,15 +60,19 @@ def plan(model, sampler: str, nfe: int, nfe_given: bool, sigmas, steps: int, zig
     """(cm_eval sampler, σ list, sampler options, NFE) for this checkpoint and these options."""
     import cm_core
 
+    kind = cm_core.function_kind(model.kind)  # which samplers fit is declared with the function kind
     if sampler == "auto":
-        sampler = AUTO[model.kind]
-        if model.kind == "consistency" and (nfe == 1 and sigmas is None or sigmas is not None and len(sigmas) == 1):
+        sampler = kind.default_sampler
+        one_sigma = nfe == 1 and sigmas is None or sigmas is not None and len(sigmas) == 1
+        if sampler == "multistep" and one_sigma:
             sampler = "onestep"
-    if sampler not in FITS[model.kind]:
+    if sampler not in kind.samplers:
         raise CliError(
             f"sampler {sampler!r} does not fit {model.checkpoint}: it is a {model.kind} model "
-            f"(objective {model.objective!r}); use --sampler {' or '.join(FITS[model.kind])}"
+            f"(objective {model.objective!r}); use --sampler {' or '.join(kind.samplers)}"
         )
+    if sampler not in SAMPLERS:
+        raise CliError(f"{model.kind} models sample with {sampler!r}, which this version of cm does not run")
     if zigzag is not None and sampler not in ("bcm-zigzag", "bcm-mixture"):
         raise click.UsageError("--zigzag applies to --sampler bcm-zigzag and bcm-mixture only")
     if sampler == "heun":

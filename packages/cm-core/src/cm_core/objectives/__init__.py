@@ -1,12 +1,23 @@
 """Training objectives: ``objective(f, x0, *, step, generator=None, **cond) -> (loss [B], stats)``.
 
 ``stats`` holds floats for logging and ``per_sample_sigma`` ([B], the noise level each sample's
-loss was computed at).
+loss was computed at). Each objective subclasses :class:`Objective` and declares what it trains
+(a consistency function f(x, σ), BCM's f(x, σ, σ_end), a denoiser D(x, σ), …) and needs (see
+``base.py``); the trainer owns the optimizer, EMA and step counter.
 
-Consistency objectives take a consistency function f(x, σ) (BCM: f(x, σ, σ_end)); diffusion
-objectives take a denoiser D(x, σ). The trainer owns the optimizer, EMA and step counter.
+Adding an algorithm is one file: a subclass of :class:`Objective`, registered here, with
+:func:`register_objective`, or from another package through the ``cm.objectives`` entry points.
 """
 
+from .base import (
+    ENTRY_POINT_GROUP,
+    OBJECTIVES,
+    Objective,
+    create_objective,
+    get_objective,
+    objective_names,
+    register_objective,
+)
 from .bcm import BidirectionalConsistency
 from .consistency import (
     ConsistencyDistillation,
@@ -17,7 +28,7 @@ from .consistency import (
 )
 from .diffusion import ConsistentDiffusion, EDMDenoising
 
-OBJECTIVES = {
+for _name, _cls in {
     "ct": ConsistencyTraining,
     "ict": ImprovedConsistencyTraining,
     "cd": ConsistencyDistillation,
@@ -26,21 +37,17 @@ OBJECTIVES = {
     "direct-cm": DirectConsistencyDistillation,
     "edm": EDMDenoising,
     "cdm": ConsistentDiffusion,
-}
-
-
-def create_objective(name: str, **kwargs):
-    """Build an objective by its short name (see ``OBJECTIVES``)."""
-    try:
-        cls = OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}") from None
-    return cls(**kwargs)
-
+}.items():
+    register_objective(_name, _cls)
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "OBJECTIVES",
+    "Objective",
     "create_objective",
+    "get_objective",
+    "objective_names",
+    "register_objective",
     "ConsistencyTraining",
     "ImprovedConsistencyTraining",
     "ConsistencyDistillation",

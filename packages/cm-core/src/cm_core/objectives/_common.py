@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
 
-from .._random import randn_like
+from .._random import draw_device, randn_like
+from ..losses import LPIPS, distance, pseudo_huber
 
-__all__ = ["SharedRandomness", "bcast", "check_batch", "frozen_call", "rand", "randn_like", "stats_of"]
+__all__ = [
+    "SharedRandomness",
+    "bcast",
+    "check_batch",
+    "distance_fn",
+    "draw_device",
+    "frozen_call",
+    "rand",
+    "randn_like",
+    "stats_of",
+]
 
 
 def check_batch(x0) -> torch.Tensor:
@@ -19,8 +31,21 @@ def check_batch(x0) -> torch.Tensor:
 
 
 def rand(n: int, x: torch.Tensor, generator) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.rand(n, generator=generator, device=device, dtype=torch.float64).to(x.device)
+    return torch.rand(n, generator=generator, device=draw_device(generator, x), dtype=torch.float64).to(x.device)
+
+
+def distance_fn(name, huber_c: float | None = None, *, divide_by_sqrt_d: bool = False):
+    """The per-sample distance d(pred, target) → [B] every objective takes as ``distance=``: a name
+    of ``cm_core.losses.DISTANCES`` ("l2", "l2-norm", "l1", "pseudo-huber"), a callable or an LPIPS
+    module. ``huber_c``: pseudo-Huber's c (None: iCT's 0.00054·√d); ``divide_by_sqrt_d``: BCM's
+    extra 1/√d of the pseudo-Huber distance."""
+    if isinstance(name, LPIPS) or callable(name) and not isinstance(name, str):
+        return name
+    if name == "pseudo-huber":
+        return functools.partial(pseudo_huber, c=huber_c, divide_by_sqrt_d=divide_by_sqrt_d)
+    if huber_c is not None or divide_by_sqrt_d:
+        raise ValueError(f"huber_c and divide_by_sqrt_d apply to distance='pseudo-huber', not {name!r}")
+    return distance(name)
 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

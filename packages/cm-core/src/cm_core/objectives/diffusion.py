@@ -5,26 +5,35 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from ..schedules import rho_grid
 from ..timesteps import EDM_P_MEAN, EDM_P_STD, lognormal_sigmas
-from ._common import bcast, check_batch, rand, randn_like, stats_of
+from ._common import bcast, check_batch, draw_device, rand, randn_like, stats_of
+from .base import Objective
 
-__all__ = ["EDMDenoising", "ConsistentDiffusion"]
+__all__ = ["EDMDenoising", "ConsistentDiffusion", "edm_lambda"]
+
+
+def edm_lambda(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's loss weight λ(σ) = (σ² + σ_d²)/(σ·σ_d)² (Karras et al. 2022, Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
 def _edm_sigma(x0, generator, p_mean, p_std):
-    device = generator.device if generator is not None else x0.device
+    device = draw_device(generator, x0)
     return lognormal_sigmas(x0.shape[0], p_mean, p_std, generator=generator, device=device, dtype=torch.float64).to(
         x0.device
     )
 
 
-class EDMDenoising:
+class EDMDenoising(Objective):
     """EDM's loss (Karras et al. 2022, eq. 8 with Table 1): ln σ ~ N(P_mean, P_std²),
     λ(σ) = (σ² + σ_d²)/(σ·σ_d)², loss = λ·mean((D(y + σn, σ) − y)²) per sample.
 
     The mean over a sample's elements (EDM sums them) keeps losses comparable across resolutions;
     Adam-type optimizers are invariant to that constant factor, so EDM's learning rates carry over.
     """
+
+    function = "diffusion"
 
     def __init__(self, *, p_mean=EDM_P_MEAN, p_std=EDM_P_STD, sigma_data=0.5):
         self.p_mean, self.p_std = float(p_mean), check.positive("p_std", p_std)
@@ -33,13 +42,13 @@ class EDMDenoising:
     def __call__(self, denoiser, x0, *, step: int = 0, generator=None, **cond):
         x0 = check_batch(x0)
         sigma = _edm_sigma(x0, generator, self.p_mean, self.p_std)
-        lam = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        lam = edm_lambda(sigma, self.sigma_data)
         d = denoiser(x0 + bcast(sigma, x0) * randn_like(x0, generator), sigma, **cond)
         loss = lam.to(d.dtype) * (d - x0).square().flatten(1).mean(1)
         return loss, stats_of(sigma=sigma)
 
 
-class ConsistentDiffusion:
+class ConsistentDiffusion(Objective):
     """CDM (Daras et al. 2023): EDM loss + λ·(x̂₁ − D(x_σ, σ))·(x̂₂ − D(x_σ, σ)).
 
     x̂₁, x̂₂ are D(·, σ') at the ends of two independent backward-SDE chains (Euler–Maruyama,
@@ -48,6 +57,8 @@ class ConsistentDiffusion:
     estimate of ‖E[D(x_σ', σ') | x_σ] − D(x_σ, σ)‖² (the martingale property of the denoiser).
     As in the CDM code, gradients flow through both D(x_σ, σ) and the chain ends' denoising.
     """
+
+    function = "diffusion"
 
     def __init__(
         self,
@@ -72,16 +83,14 @@ class ConsistentDiffusion:
         x0 = check_batch(x0)
         edm = self.edm
         sigma = _edm_sigma(x0, generator, edm.p_mean, edm.p_std)
-        lam_edm = (sigma**2 + edm.sigma_data**2) / (sigma * edm.sigma_data) ** 2
+        lam_edm = edm_lambda(sigma, edm.sigma_data)
         x_sigma = x0 + bcast(sigma, x0) * randn_like(x0, generator)
         d_init = denoiser(x_sigma, sigma, **cond)
         loss_edm = lam_edm.to(d_init.dtype) * (d_init - x0).square().flatten(1).mean(1)
 
         eps = rand(x0.shape[0], x0, generator) * self.eps_max
         sigma_end = torch.minimum((sigma - eps).clamp_min(self.sigma_min), sigma)
-        ramp = torch.linspace(0, 1, self.chain_steps, dtype=torch.float64, device=x0.device)
-        hi, lo = sigma ** (1 / self.rho), sigma_end ** (1 / self.rho)
-        grid = (hi[:, None] + ramp[None] * (lo - hi)[:, None]) ** self.rho  # [B, steps], σ → σ'
+        grid = rho_grid(sigma, sigma_end, self.chain_steps, self.rho)  # [B, steps], σ → σ'
         grid2 = grid.repeat(2, 1)
         cond2 = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in cond.items()}
         x = torch.cat([x_sigma, x_sigma]).detach()

@@ -1,0 +1,96 @@
+"""Kinds of trained function: how a raw network becomes one, and which samplers fit it.
+
+An objective declares the kind of function it trains (``Objective.function``); the trainer,
+``cm_train.load_trained`` and the CLI build the function and pick samplers from this registry, so
+none of them needs to know the objective. Built in:
+
+  "consistency"  f(x, σ): :class:`~cm_core.ConsistencyFunction` (CT, iCT, CD, ECT, Direct CM)
+  "bcm"          f(x, σ, σ_end): :class:`~cm_core.BidirectionalConsistencyFunction` (BCM); with
+                 σ_end = σ_min it is a consistency function, so the consistency samplers fit too
+  "diffusion"    a denoiser D(x, σ): :class:`~cm_core.EDMDenoiser` (EDM, CDM), sampled by solving
+                 the PF-ODE
+
+A plugin adds a kind with :func:`register_function` (e.g. a TrigFlow function) and declares it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from .parameterization import BidirectionalConsistencyFunction, ConsistencyFunction, EDMDenoiser
+
+__all__ = ["FunctionKind", "FUNCTIONS", "register_function", "function_kind"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionKind:
+    """A kind of trained function.
+
+    ``build(net, *, sigma_data, sigma_min, c_noise, boundary)`` wraps a raw network
+    ``net(x_in, c_noise, **cond)``; ``samplers`` are the sampler names that fit (the CLI's
+    ``--sampler`` choices), ``default_sampler`` the one ``--sampler auto`` picks for several steps.
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    samplers: tuple[str, ...]
+    default_sampler: str
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.default_sampler not in self.samplers:
+            raise ValueError(f"function kind {self.name!r}: default sampler {self.default_sampler!r} not in its samplers")
+
+
+FUNCTIONS: dict[str, FunctionKind] = {}
+
+
+def register_function(kind: FunctionKind) -> FunctionKind:
+    """Add (or replace) a kind of trained function; returns it."""
+    if not isinstance(kind, FunctionKind):
+        raise TypeError(f"register_function takes a cm_core.FunctionKind, got {type(kind).__name__}")
+    FUNCTIONS[kind.name] = kind
+    return kind
+
+
+def function_kind(name: str) -> FunctionKind:
+    try:
+        return FUNCTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown function kind {name!r}; known: {', '.join(sorted(FUNCTIONS))}") from None
+
+
+register_function(
+    FunctionKind(
+        "consistency",
+        lambda net, *, sigma_data, sigma_min, c_noise, boundary: ConsistencyFunction(
+            net, sigma_data, sigma_min, c_noise, boundary
+        ),
+        samplers=("onestep", "multistep"),
+        default_sampler="multistep",
+        doc="f(x, σ) with f(x, σ_min) = x",
+    )
+)
+register_function(
+    FunctionKind(
+        "bcm",
+        lambda net, *, sigma_data, sigma_min, c_noise, boundary: BidirectionalConsistencyFunction(
+            net, sigma_data, sigma_min, c_noise
+        ),
+        samplers=("onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture"),
+        default_sampler="bcm-ancestral",
+        doc="f(x, σ, σ_end): jumps along the PF-ODE in both directions",
+    )
+)
+register_function(
+    FunctionKind(
+        "diffusion",
+        lambda net, *, sigma_data, sigma_min, c_noise, boundary: EDMDenoiser(net, sigma_data, c_noise),
+        samplers=("heun",),
+        default_sampler="heun",
+        doc="a denoiser D(x, σ) (EDM preconditioning), sampled by solving the PF-ODE",
+    )
+)
