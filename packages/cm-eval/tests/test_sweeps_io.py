@@ -1,8 +1,10 @@
-"""NFE sweeps, the ternary search, reports and plots; the PNG codec; the optional DINOv2 extractor."""
+"""NFE sweeps, the ternary search, reports and plots; the optional DINOv2 extractor.
+
+(The PNG codec and image grid are cm_nets.files': packages/cm-nets/tests/test_files.py.)
+"""
 
 import json
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -10,8 +12,6 @@ import torch
 from cm_eval import (
     best_two_step_sigma,
     decode_png,
-    encode_png,
-    image_grid,
     nfe_sweep,
     plot_metric_vs_nfe,
     save_sample_grid,
@@ -81,47 +81,7 @@ def test_best_two_step_sigma_on_a_model_that_is_exact_only_below_a_threshold():
     assert len(r["evaluations"]) <= 2 * 6 + 1
 
 
-def test_png_codec_roundtrip_and_filters(tmp_path):
-    rng = np.random.default_rng(0)
-    for shape in [(5, 7), (5, 7, 1), (4, 6, 3), (3, 3, 4)]:
-        img = rng.integers(0, 256, shape, dtype=np.uint8)
-        out = decode_png(encode_png(img))
-        np.testing.assert_array_equal(out.reshape(img.shape), img)
-    assert encode_png(img) == encode_png(img.copy())  # deterministic bytes
-    # Decode a PNG that uses the Sub/Up/Average/Paeth filters (as other encoders write them).
-    img = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8).astype(np.int32)
-    raw, prev = b"", np.zeros(15, np.int32)
-    for y, ftype in enumerate([1, 2, 3, 4]):
-        cur = img[y].reshape(-1)
-        left = np.concatenate([np.zeros(3, np.int32), cur[:-3]])
-        upleft = np.concatenate([np.zeros(3, np.int32), prev[:-3]])
-        if ftype == 1:
-            pred = left
-        elif ftype == 2:
-            pred = prev
-        elif ftype == 3:
-            pred = (left + prev) // 2
-        else:
-            p = left + prev - upleft
-            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-        raw += bytes([ftype]) + ((cur - pred) & 0xFF).astype(np.uint8).tobytes()
-        prev = cur
-    png = bytearray(encode_png(img.astype(np.uint8)))
-    import struct
-
-    start = png.index(b"IDAT") - 4
-    (length,) = struct.unpack(">I", png[start : start + 4])
-    body = zlib.compress(raw)
-    chunk = struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body))
-    png = bytes(png[:start]) + chunk + bytes(png[start + 12 + length :])
-    np.testing.assert_array_equal(decode_png(png), img.astype(np.uint8))
-    with pytest.raises(TypeError, match="uint8"):
-        encode_png(img.astype(np.float32))
-
-
 def test_sample_grid(tmp_path):
     x = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
     grid = decode_png(save_sample_grid(x, tmp_path / "grid.png", ncol=4).read_bytes())
     assert grid.shape == (2 * 5 + 1, 4 * 5 + 1, 3)
-    assert image_grid(np.zeros((1, 2, 2, 1), np.uint8), ncol=3).shape == (4, 4, 1)

@@ -128,14 +128,14 @@ def check_out(path, overwrite: bool) -> Path:
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Temporary file in the same folder, fsync, os.replace (cm_eval's writer): never half a file."""
-    from cm_eval import atomic_write_bytes as write
+    """Temporary file in the same folder, fsync, os.replace (``cm_nets.files``): never half a file."""
+    from cm_nets.files import atomic_write_bytes as write
 
     return write(path, data)
 
 
 def atomic_save_npz(path, **arrays) -> Path:
-    from cm_eval import atomic_save_npz as save
+    from cm_nets.files import atomic_save_npz as save
 
     return save(path, **arrays)
 

@@ -1,8 +1,9 @@
 """Per-sample distances and loss weightings.
 
 Every distance returns one value per sample [B] (reduced over all non-batch dimensions); the
-trainer averages. Pseudo-Huber goes through the fused ``cm_kernels`` op when that package is
-installed, else through :func:`pseudo_huber_reference`; both give the same numbers.
+trainer averages. Pseudo-Huber goes through the fused ``cm_kernels`` op (which itself falls back
+to its pure-PyTorch reference, saying why once, when its extension is not built);
+``CM_CORE_NO_KERNELS=1`` picks that reference, :func:`pseudo_huber_reference`, directly.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 
+import cm_kernels
 import torch
 import torch.nn.functional as F
+from cm_kernels import reference as kernel_reference
 from torch import nn
 
 from . import _validate as check
@@ -62,12 +65,10 @@ def default_huber_c(numel_per_sample: int) -> float:
 
 
 def pseudo_huber_reference(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
-    """√(‖pred − target‖² + c²) − c per sample, accumulated in at least fp32."""
+    """√(‖pred − target‖² + c²) − c per sample, accumulated in at least fp32, without cancellation
+    when ‖pred − target‖ ≪ c: ``cm_kernels.reference.pseudo_huber_loss`` (the kernel's spec)."""
     _pair(pred, target)
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    s = (pred.to(acc) - target.to(acc)).flatten(1).square().sum(1)
-    # s/(√(s + c²) + c) equals √(s + c²) − c without cancellation when s ≪ c².
-    return s / ((s + c * c).sqrt() + c)
+    return kernel_reference.pseudo_huber_loss(pred, target, c, reduction="none")
 
 
 _KERNEL = None
@@ -75,18 +76,13 @@ _KERNEL_REASON = None
 
 
 def _kernel():
-    """cm_kernels.pseudo_huber_loss if importable (CM_CORE_NO_KERNELS=1 disables it)."""
+    """cm_kernels.pseudo_huber_loss, or None with the reason when CM_CORE_NO_KERNELS=1 disables it."""
     global _KERNEL, _KERNEL_REASON
     if _KERNEL is None and _KERNEL_REASON is None:
         if os.environ.get("CM_CORE_NO_KERNELS") == "1":
             _KERNEL_REASON = "disabled by CM_CORE_NO_KERNELS=1"
         else:
-            try:
-                import cm_kernels
-
-                _KERNEL = cm_kernels.pseudo_huber_loss
-            except (ImportError, AttributeError) as exc:
-                _KERNEL_REASON = f"cm_kernels is not usable ({exc})"
+            _KERNEL = cm_kernels.pseudo_huber_loss
     return _KERNEL
 
 

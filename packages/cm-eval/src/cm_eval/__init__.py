@@ -5,9 +5,11 @@ statistics files, Fréchet distance, Inception Score, precision/recall, inversio
 ODE solving error (Direct CM), NFE sweeps and plots, and deterministic distributed sampling.
 """
 
-from ._io import atomic_save_npz, atomic_write_bytes, decode_png, encode_png, load_image_folder, load_png, save_png
+from cm_nets.files import atomic_save_npz, atomic_write_bytes, decode_png, encode_png, image_grid, load_png, save_png
+
+from ._io import load_image_folder
 from .dino import DINOv2Features, dinov2
-from .features import compute_stats, digits_class_accuracy, extract, fd_digits, image_grid, to_float, to_uint8
+from .features import compute_stats, digits_class_accuracy, extract, fd_digits, to_float, to_uint8
 from .inception import FIDInceptionV3, inception_fid
 from .inversion import inversion_error, psnr
 from .metrics import class_accuracy, inception_score, knn_radii, precision_recall

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cm_nets.files import atomic_save_npz, atomic_write_bytes, atomic_write_json
 from torch import nn
-
-from ._io import atomic_save_npz, atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "DigitsClassifier",

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from cm_nets.files import image_grid  # noqa: F401  re-exported: sweeps.py imports it from here
 
 from .metrics import class_accuracy
 from .stats import FeatureStats, frechet_distance
@@ -23,21 +24,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim != 4:
         raise ValueError("to_uint8 expects a float tensor [B, C, H, W] in [-1, 1]")
     return (x.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> np.ndarray:
-    """Tile uint8 NHWC images into one uint8 [H', W', C] picture, ``ncol`` per row, ``pad`` pixels apart."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"image_grid needs non-empty uint8 NHWC images, got {images.dtype} {images.shape}")
-    n, h, w, c = images.shape
-    ncol = max(1, min(ncol, n))
-    nrow = -(-n // ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
-    return grid
 
 
 def to_float(images, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:

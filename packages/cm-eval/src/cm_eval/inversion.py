@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from cm_core import bcm_invert, bcm_reconstruct
+from cm_nets.files import image_grid, save_png
 
-from ._io import save_png
-from .features import image_grid, to_uint8
+from .features import to_uint8
 from .sampling import PerImageNoise, check_labels
 
 __all__ = ["inversion_error", "psnr"]

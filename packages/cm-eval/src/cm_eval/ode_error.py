@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from cm_core import karras_sigmas, solve
+from cm_nets.files import atomic_save_npz
 
-from ._io import atomic_save_npz
 from .sampling import PerImageNoise, check_labels, parse_seeds, sample_batch
 
 __all__ = ["teacher_solutions", "ode_solving_error", "default_teacher_sigmas"]

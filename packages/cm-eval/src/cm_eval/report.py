@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ._io import atomic_write_bytes
+from cm_nets.files import atomic_write_bytes
 
 __all__ = ["format_table", "html_report", "plot_curves", "plot_image_panels"]
 
@@ -150,8 +150,8 @@ def plot_image_panels(panels: Sequence[tuple[str, object]], path, *, ncol: int =
     """A PNG figure of titled image panels, ``[(title, PNG path or uint8 array [H, W(, C)]), …]``,
     drawn pixel-exact (nearest neighbour): e.g. sample grids of several models side by side."""
     import numpy as np
+    from cm_nets.files import load_png
 
-    from ._io import load_png
     from .sweeps import _pyplot
 
     if not panels:

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
-
-from ._io import atomic_save_npz
+from cm_nets.files import atomic_save_npz
 
 __all__ = [
     "FeatureStats",

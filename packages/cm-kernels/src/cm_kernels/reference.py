@@ -10,7 +10,13 @@ import math
 
 import torch
 
-__all__ = ["normalize_heads", "normalized_attention", "normalized_attention_qkv", "pseudo_huber_loss"]
+__all__ = [
+    "normalize_heads",
+    "normalized_attention",
+    "normalized_attention_qkv",
+    "pseudo_huber_loss",
+    "vector_norm_fp32",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,23 +44,32 @@ def pseudo_huber_loss(
     d(x, y) = sqrt(||x - y||_2^2 + c^2) - c over all non-batch dims, optionally times
     ``weight[B]``, then reduced over the batch ("mean" | "sum" | "none" -> [B]).
 
-    Half inputs are accumulated in float32 (and return float32) like the kernel, unless
+    Computed as s / (sqrt(s + c^2) + c), s = ||x - y||^2: the same value without the cancellation
+    of the first form when s << c^2 (the kernels compute it so too). Half inputs are widened to
+    float32 before the difference and return float32, like the kernel, unless
     ``accumulate_in_float32=False``, which computes in the input precision (the baseline that the
-    low-precision tests compare the kernel's error against).
+    low-precision tests compare the kernel's error against). ``cm_core.pseudo_huber_reference`` is this.
     """
+    if accumulate_in_float32 and pred.dtype in _LOW_PRECISION:
+        pred, target = pred.float(), target.float()
     diff = pred - target
-    if accumulate_in_float32 and diff.dtype in _LOW_PRECISION:
-        diff = diff.float()
     sq = diff.reshape(diff.shape[0], -1).square().sum(dim=1)
-    per_sample = torch.sqrt(sq + c * c) - c
+    per_sample = sq / (torch.sqrt(sq + c * c) + c)
     return _reduce(per_sample, weight, reduction)
+
+
+def vector_norm_fp32(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:
+    """||x|| over ``dim`` accumulated in at least float32: half inputs are widened, float64 stays
+    float64 (torch >= 2.14 refuses a narrowing ``dtype=`` in ``vector_norm``)."""
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def normalize_heads(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """x / (eps + ||x|| / sqrt(d)) over the last dim: each head vector divided by its RMS plus eps
-    (EDM2, Karras et al. 2024, eq. 14 `normalize`; iCT-BCM QKV normalization)."""
-    d = x.shape[-1]
-    return x / (eps + torch.linalg.vector_norm(x, dim=-1, keepdim=True) / math.sqrt(d))
+    (EDM2, Karras et al. 2024, eq. 14 `normalize`; iCT-BCM QKV normalization). The norm is
+    accumulated in at least float32; the result has x's dtype. ``cm_nets``' attention uses this."""
+    norm = vector_norm_fp32(x, dim=-1)
+    return x / (eps + norm / math.sqrt(x.shape[-1])).to(x.dtype)
 
 
 def normalized_attention(

@@ -6,7 +6,7 @@ argument, ``attention_backend``, picks the implementation everywhere:
 
 ``math``      explicit einsum + softmax in float32 (the specification; always available)
 ``sdpa``      ``torch.nn.functional.scaled_dot_product_attention`` (always available)
-``fused``     ``cm_kernels.normalized_attention`` (``pip install cm-nets[kernels]``); fwd+bwd
+``fused``     ``cm_kernels.normalized_attention`` (cm-kernels, a dependency of cm-nets); fwd+bwd
               in one kernel, normalization ("cosine" q/k/v) fused in
 ``flash``     ``flash_attn.flash_attn_func`` (``pip install flash-attn``); CUDA, fp16/bf16
 ``xformers``  ``xformers.ops.memory_efficient_attention`` (``pip install xformers``); CUDA
@@ -14,7 +14,8 @@ argument, ``attention_backend``, picks the implementation everywhere:
               dtype and head dim; the choice and the reason are logged once per situation.
 
 Normalization ``normalize="qkv"`` divides each of q, k, v by ``eps + ‖·‖/√d`` per head
-vector (EDM2 eq. 66's ``normalize``; iCT/BCM "cosine attention"), ``"qk"`` only q and k.
+vector (EDM2 eq. 66's ``normalize``; iCT/BCM "cosine attention"), ``"qk"`` only q and k;
+the other backends normalize with ``cm_kernels.reference.normalize_heads``, the fused kernel's spec.
 """
 
 from __future__ import annotations
@@ -26,15 +27,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from .layers import vector_norm_fp32
+from cm_kernels.reference import normalize_heads  # the spec the fused kernel matches
 
 logger = logging.getLogger("cm_nets")
 
 BACKENDS = ("auto", "math", "sdpa", "fused", "flash", "xformers")
 NORMALIZE_MODES = ("none", "qk", "qkv")
 _PIP = {
-    "fused": "cm-kernels (pip install 'cm-nets[kernels]')",
+    "fused": "cm-kernels (a dependency of cm-nets: pip install cm-nets)",
     "flash": "flash-attn (pip install flash-attn)",
     "xformers": "xformers (pip install xformers)",
 }
@@ -126,12 +126,6 @@ def resolve_backend(backend: str, q: torch.Tensor, normalize: str = "none") -> s
             return name
         skipped.append((name, why))
     raise AssertionError("sdpa is always usable")  # pragma: no cover
-
-
-def normalize_heads(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """x / (eps + ‖x‖/√d) over the last dim, the norm in at least float32 (EDM2 ``normalize``)."""
-    norm = vector_norm_fp32(x, dim=-1)
-    return x / (eps + norm / math.sqrt(x.shape[-1])).to(x.dtype)
 
 
 def _math(q, k, v, scale):

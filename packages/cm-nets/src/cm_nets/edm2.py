@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from cm_kernels.reference import vector_norm_fp32
 from torch import nn
 
 from .backends import attention_qkv, check_backend
-from .layers import check_c_noise, vector_norm_fp32
+from .layers import check_c_noise
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:

@@ -16,12 +16,6 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
-def vector_norm_fp32(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:
-    """‖x‖ over ``dim`` accumulated in at least float32: half inputs are widened, float64 stays
-    float64 (torch ≥ 2.14 refuses a narrowing ``dtype=`` in ``vector_norm``)."""
-    return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=torch.promote_types(x.dtype, torch.float32))
-
-
 def sinusoidal_embedding(
     c_noise: torch.Tensor, dim: int, max_period: float = 10000.0, endpoint: bool = False, flip: bool = False
 ) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import atomic_path
 from .presets import create
 
 FORMAT, VERSION = "cm-nets", 1
@@ -58,22 +59,12 @@ def save(module: nn.Module, path: str | os.PathLike) -> Path:
         "overrides": {k: _jsonable(v, f"overrides[{k!r}]") for k, v in config["overrides"].items()},
     }
     tensors_path, json_path = _paths(path)
-    tensors_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    # Temporary files beside the targets, fsynced, then renamed: a crash never leaves half a file.
-    tmp_tensors = tensors_path.with_name(f".{tensors_path.name}.tmp-{os.getpid()}")
-    tmp_json = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
-    try:
+    # Each file through a temporary one beside it (fsync, rename): a crash never leaves half a file.
+    # The weights are renamed into place first, then the JSON (the inner block ends first).
+    with atomic_path(json_path) as tmp_json, atomic_path(tensors_path) as tmp_tensors:
         save_file(state, str(tmp_tensors), metadata={"cm_nets": json.dumps(meta)})
         tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
-        for tmp in (tmp_tensors, tmp_json):
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp_tensors, tensors_path)
-        os.replace(tmp_json, json_path)
-    finally:
-        for tmp in (tmp_tensors, tmp_json):
-            tmp.unlink(missing_ok=True)
     return tensors_path
 
 

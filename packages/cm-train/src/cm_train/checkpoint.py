@@ -21,31 +21,16 @@ import time
 from pathlib import Path
 
 import torch
+from cm_nets import files
 
 __all__ = ["save_checkpoint", "list_checkpoints", "latest_checkpoint", "load_checkpoint", "atomic_write_text"]
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a small run-state text file atomically (``cm_nets.files``), its folder fsynced too."""
+    return files.atomic_write_text(path, text, sync_dir=True)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -79,28 +64,18 @@ def save_checkpoint(
     for stale in root.glob(".step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:08d}"
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    for key, (tensors, net_meta) in networks.items():
-        flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        header = {"cm_nets": json.dumps(net_meta)} if net_meta else None
-        save_file(flat, str(tmp / f"{key}.safetensors"), metadata=header)
-        if net_meta:
-            (tmp / f"{key}.json").write_text(json.dumps(net_meta, indent=2) + "\n")
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **meta}, indent=2) + "\n")
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
     final = root / name
-    if final.exists():  # re-saving a step after a rollback: move the old one aside first
-        aside = root / f".{name}.old-{os.getpid()}.tmp-{os.getpid()}"
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_path(root)
+    # Written in .step-….tmp-<pid>, fsynced, then renamed over a checkpoint of the same step
+    # (re-saved after a rollback), which is moved aside first: never half a checkpoint.
+    with files.atomic_dir(final) as tmp:
+        for key, (tensors, net_meta) in networks.items():
+            flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            header = {"cm_nets": json.dumps(net_meta)} if net_meta else None
+            save_file(flat, str(tmp / f"{key}.safetensors"), metadata=header)
+            if net_meta:
+                (tmp / f"{key}.json").write_text(json.dumps(net_meta, indent=2) + "\n")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **meta}, indent=2) + "\n")
     keep = set(list_checkpoints(run_dir)[-max(keep_last, 1) :]) | {Path(p) for p in protect} | {final}
     for old in list_checkpoints(run_dir):
         if old not in keep:

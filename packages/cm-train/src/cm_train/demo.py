@@ -22,8 +22,6 @@ an interrupted demo never leaves a half-written report or destroys the previous 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import cm_core
 import cm_eval
 import torch
+from cm_nets import files
 
 from .config import load_config
 from .inference import load_trained
@@ -166,24 +165,11 @@ def run_demo(
 
 def _run_demo(out: Path, quick: bool, overwrite: bool, log) -> dict:
     budget = QUICK if quick else FULL
-    work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     t_start = time.perf_counter()
-    try:
+    with files.atomic_dir(out) as work:  # replaces out only once the new report is complete
         result = _run(work, budget, quick, log)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    result["seconds"] = time.perf_counter() - t_start
-    _finish(work, result)
-    if out.exists():  # replace only now that the new report is complete
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+        result["seconds"] = time.perf_counter() - t_start
+        _finish(work, result)
     result["report"] = str(out / "report.html")
     result["json"] = str(out / "report.json")
     log(f"[demo] done in {result['seconds']:.0f} s; report: {result['report']}")

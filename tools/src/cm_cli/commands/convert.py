@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
@@ -64,18 +62,7 @@ def convert(kind: str, src: str, out: str, preset: str | None, key: str, overwri
                 f"note: an ECT network samples with the shifted boundary f(x, {snapshot.sigma_min:g}) = x: "
                 f'set model.sample_boundary = "shifted" and model.sample_sigma_min = {snapshot.sigma_min:g}'
             )
-    # cm_nets.save writes two files in place; write them in a temporary folder beside --out, then move.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        written = cm_nets.save(module, tmp / out.name)
-        for f in (written, written.with_suffix(".json")):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, out.parent / f.name)
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+    cm_nets.save(module, out)  # each of the two files through a temporary one beside it (fsync, rename)
     n = sum(p.numel() for p in module.parameters())
     click.echo(f"wrote {out} and {out.with_suffix('.json')}: {type(module).__name__}, {n / 1e6:.2f}M parameters")
 

@@ -10,7 +10,7 @@ import click
 
 PACKAGES = ("cm-kernels", "cm-core", "cm-nets", "cm-train", "cm-eval", "cm-tools")
 ATTENTION_WHY_NOT = {
-    "fused": "cm-kernels is not installed (pip install 'cm-nets[kernels]')",
+    "fused": "cm-kernels is not installed (a dependency of cm-nets: pip install cm-nets)",
     "flash": "flash-attn is not installed (pip install flash-attn; CUDA, fp16/bf16 only)",
     "xformers": "xformers is not installed (pip install xformers; CUDA only)",
 }
