@@ -20,7 +20,7 @@ ALLOWED = {
     "cm_kernels": set(),
     "cm_core": {"cm_kernels"},
     "cm_nets": {"cm_kernels"},
-    "cm_train": {"cm_core", "cm_nets", "cm_kernels", "cm_eval"},
+    "cm_train": {"cm_core", "cm_nets", "cm_kernels"},
     "cm_eval": {"cm_core", "cm_nets", "cm_kernels"},
     "cm_cli": {"cm_core", "cm_nets", "cm_kernels", "cm_train", "cm_eval"},
 }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,10 +82,14 @@ def test_mpiexec_two_ranks_match_one(tmp_path, tiny_config, single):
     if mpiexec is None:
         pytest.skip("no mpiexec on PATH (pip install mpich)")
     path, _ = _config(tmp_path, tiny_config, "mpi")
-    cmd = [str(mpiexec), "-n", "2", sys.executable, "-m", "cm_train", "--config", str(path)]
+    # Tiny buckets: the gradients are all-reduced in many pieces, each started from a gradient
+    # hook while backward still runs, and must give the same weights as one rank.
+    cmd = [str(mpiexec), "-n", "2", sys.executable, "-m", "cm_train", "--config", str(path), "run.grad_bucket_mb=0.002"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     _assert_same(single, _final(tmp_path / "mpi"))
+    m = re.search(r"gradient all-reduce over 2 ranks: (\d+) bucket\(s\) .*, (\d+) started during backward", proc.stdout)
+    assert m and int(m.group(1)) > 3 and int(m.group(2)) == int(m.group(1)), proc.stdout[-2000:]
 
 
 def test_launcher_detection(monkeypatch):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import cm_core
 import cm_nets
@@ -299,18 +300,13 @@ def test_best_checkpoint_is_kept_and_early_stop(tiny_config, tmp_path):
     assert out["step"] == 25
 
 
-def test_fd_digits_metric_runs_on_digits(tmp_path):
-    pytest.importorskip("cm_eval")
-    cfg = load_config(
-        {
-            "run": {"dir": str(tmp_path / "fd"), "total_steps": 2, "batch_size": 16},
-            "data": {"source": "digits", "conditional": True},
-            "model": {"preset": "unet-tiny", "overrides": {"image_size": 8, "num_classes": 10}},
-            "objective": {"name": "ict", "kwargs": {"s0": 10, "s1": 20}},
-            "checkpoint": {"every": 0, "best_metric": "fd_digits", "eval_count": 64},
-            "log": {"progress": False, "every": 1},
-        }
-    )
-    run(cfg, log=lambda m: None)
-    best = json.loads((tmp_path / "fd" / "best.json").read_text())
-    assert best["metric"] == "fd_digits" and best["value"] > 0
+def test_an_unknown_best_metric_is_refused_with_what_is_known(tiny_config):
+    cfg = load_config(tiny_config(checkpoint={"every": 0, "best_metric": "fd_digits"}))
+    with pytest.raises(ConfigError, match=r"best_metric = 'fd_digits' is not known here \(known: loss\).*cm train"):
+        run(cfg, log=lambda m: None)
+    seen = []
+    out = run(cfg, log=lambda m: None, metrics={"fd_digits": lambda trainer, last: seen.append(last) or 1.5})
+    assert seen and out["step"] == cfg.run.total_steps
+    best = json.loads((Path(cfg.run.dir) / "best.json").read_text())
+    assert best == {"metric": "fd_digits", "value": 1.5, "step": cfg.run.total_steps, "checkpoint": best["checkpoint"]}
+

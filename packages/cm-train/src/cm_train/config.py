@@ -45,6 +45,7 @@ class RunConfig:
     batch_per_rank: int = 0  # 0: global batch / ranks; smaller values add gradient accumulation
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (opt-in)
+    grad_bucket_mb: float = 25.0  # gradient all-reduce buckets (MB), launched during backward as they fill
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
 
 
@@ -134,7 +135,7 @@ class EMAConfig:
 class CheckpointConfig:
     every: int = 500  # steps between checkpoints (0: only at the end)
     keep_last: int = 3
-    best_metric: str = ""  # "" | loss | fd_digits: evaluated at every checkpoint, lowest kept as best
+    best_metric: str = ""  # "" | loss | fd_digits (with `cm train`) | a metric given to cm_train.run: lowest kept as best
     eval_count: int = 1000  # samples for fd_digits (1-step, first EMA, fixed noise)
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
 
@@ -183,7 +184,6 @@ CHOICES = {
     "precision.mode": ("fp32", "bf16", "fp16"),
     "ema.kind": ("constant", "power"),
     "objective.target": ("none", "paper", "ct", "ct-openai", "constant"),
-    "checkpoint.best_metric": ("", "loss", "fd_digits"),
 }
 
 

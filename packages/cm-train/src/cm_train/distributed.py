@@ -21,7 +21,7 @@ __all__ = [
     "detect_launcher",
     "init",
     "shutdown",
-    "all_reduce_mean_",
+    "GradSync",
     "all_finite",
     "barrier",
     "broadcast_",
@@ -144,22 +144,80 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors across ranks in place, in flat buckets (no-op on one rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
-        return
-    world = dist.get_world_size()
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+class GradSync:
+    """Averages gradients over ranks while the backward pass still runs.
+
+    Parameters are grouped, in reverse order of registration (about the order backward finishes
+    them), into flat buckets of ≤ ``bucket_mb`` MB of one dtype. During the backward pass of a step's
+    last micro-batch (:meth:`arm`), a hook on each parameter counts its accumulated gradient in; when
+    a bucket is complete its all-reduce starts asynchronously, overlapping the rest of backward.
+    :meth:`finish` reduces what the hooks did not launch (parameters without a gradient this step,
+    or a single-rank run: nothing), waits, and writes the averages back — the same values as one
+    all-reduce of every gradient. A no-op on one rank.
+    """
+
+    def __init__(self, params: list[torch.Tensor], bucket_mb: float = 25.0):
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.armed = False
+        self.buckets: list[list[torch.Tensor]] = []
+        self._pending: list[int] = []
+        self._work: list[tuple[list[torch.Tensor], torch.Tensor, object]] = []
+        self._launched: set[int] = set()
+        self.overlapped = 0  # buckets of the last step whose all-reduce started during backward
+        if self.world == 1:
+            return
+        limit, size = bucket_mb * 2**20, 0.0
+        current: list[torch.Tensor] = []
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            if current and (size + nbytes > limit or p.dtype != current[0].dtype):
+                self.buckets.append(current)
+                current, size = [], 0.0
+            current.append(p)
+            size += nbytes
+        if current:
+            self.buckets.append(current)
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._ready)
+
+    def arm(self) -> None:
+        """The next backward pass completes this step's gradients: reduce buckets as they fill."""
+        if self.world > 1:
+            self.armed, self.overlapped = True, 0
+            self._pending = [len(b) for b in self.buckets]
+
+    def _ready(self, p: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        i = self._bucket_of[id(p)]
+        self._pending[i] -= 1
+        if self._pending[i] == 0:
+            self._launch(i)
+            self.overlapped += 1
+
+    def _launch(self, i: int) -> None:
+        grads = [p.grad for p in self.buckets[i] if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self._work.append((grads, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)))
+        self._launched.add(i)
+
+    def finish(self) -> None:
+        """Reduce the rest, wait for every bucket, write the rank averages into the gradients."""
+        if self.world == 1:
+            return
+        for i in range(len(self.buckets)):
+            if i not in self._launched:
+                self._launch(i)
+        for grads, flat, work in self._work:
+            work.wait()
+            flat /= self.world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self.armed, self._work, self._launched = False, [], set()
 
 
 def all_finite(flag: bool, device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""``cm demo``: the end-to-end digits demo of cm_train (train, sample, evaluate, report)."""
+"""``cm demo``: the end-to-end digits demo (cm_cli.demo: train with cm-train, sample and score with cm-eval, report)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def demo(out: str, quick: bool, overwrite: bool, demo_threads: int) -> None:
 
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    from cm_train.demo import run_demo
+    from ..demo import run_demo
 
     result = run_demo(
         out, quick=quick, overwrite=overwrite, threads=demo_threads or None, log=lambda m: click.echo(m, err=True)

@@ -21,11 +21,13 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
     """
     import cm_train
 
+    from ..metrics import METRICS
+
     for item in overrides:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. run.total_steps=2000)", param_hint="OVERRIDES")
     cfg = cm_train.load_config(config, list(overrides))
-    result = cm_train.run(cfg)
+    result = cm_train.run(cfg, metrics=METRICS)
     last = result.get("metrics") or {}
     loss = last.get("loss")
     loss_text = f", loss {loss:.4g}" if isinstance(loss, float) else ""

@@ -31,9 +31,7 @@ import cm_eval
 import torch
 from cm_nets import files
 
-from .config import load_config
-from .inference import load_trained
-from .loop import run
+from cm_train import load_config, load_trained, run
 
 __all__ = ["DemoBudget", "FULL", "QUICK", "run_demo"]
 

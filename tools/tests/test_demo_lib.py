@@ -4,7 +4,7 @@
 """
 
 import pytest
-from cm_train import demo
+from cm_cli import demo
 
 
 def _fake_result():
