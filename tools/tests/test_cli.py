@@ -89,6 +89,21 @@ def test_help_of_every_command_has_an_example(path):
     assert "Example" in result.output
 
 
+def test_sampler_choices_are_cm_core_registry_and_flags_have_one_meaning():
+    import cm_core
+    from cm_cli.commands.sample import SAMPLERS
+
+    assert SAMPLERS == ("auto", *cm_core.SAMPLERS)
+    for path in _command_paths(cli):
+        command = cli
+        for name in path:
+            command = command.commands[name]
+        visible = {opt for p in command.params if not getattr(p, "hidden", False) for opt in p.opts}
+        # --steps meant Heun steps, σ counts, path points and inversion jumps in tools 0.1: now
+        # --heun-steps, --nfe, --points and --jumps; the old spelling is hidden for one release.
+        assert not visible & {"--steps", "--teacher-steps"}, path
+
+
 def test_version_and_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "cm_cli", "--version"], capture_output=True, text=True, check=True)
     assert "0.1.0" in out.stdout
@@ -194,10 +209,14 @@ def test_sample_bcm_and_diffusion(runs, tmp_path):
         )
         assert nfe in result.output
         assert npz(tmp_path / f"{sampler}.npz")["arr_0"].shape == (3, 8, 8, 1)
-    result = ok(cm("sample", runs["edm"], "--steps", 3, "--num", 3, "--out", tmp_path / "heun.npz"))
+    result = ok(cm("sample", runs["edm"], "--heun-steps", 3, "--num", 3, "--out", tmp_path / "heun.npz"))
     assert "NFE 5" in result.output
     x = npz(tmp_path / "heun.npz")["arr_0"]
     assert x.shape == (3, 8, 8, 1)
+    # The old spelling works for one release, with a warning, and gives the same images.
+    result = cm("sample", runs["edm"], "--steps", 3, "--num", 3, "--out", tmp_path / "heun-old.npz")
+    assert ok(result) and "--steps is deprecated" in result.stderr and "--heun-steps" in result.stderr
+    assert np.array_equal(npz(tmp_path / "heun-old.npz")["arr_0"], x)
 
 
 def test_sample_errors(runs, tmp_path):
@@ -212,6 +231,9 @@ def test_sample_errors(runs, tmp_path):
     fails(cm("sample", runs["ict"], "--sigmas", "1,80", "--num", 2, "--out", out), 1, "decreasing")
     fails(cm("sample", runs["ict"], "--class-label", 10, "--num", 2, "--out", out), 1, "class_label")
     fails(cm("sample", runs["bcm"], "--sampler", "bcm-mixture", "--nfe", 3, "--num", 2, "--out", out), 2, "--nfe")
+    fails(cm("sample", runs["ict"], "--heun-steps", 3, "--num", 2, "--out", out), 2, "--heun-steps", "heun only")
+    fails(cm("sample", runs["edm"], "--nfe", 3, "--num", 2, "--out", out), 2, "--heun-steps", "--nfe")
+    fails(cm("sample", runs["edm"], "--heun-steps", 3, "--steps", 3, "--num", 2, "--out", out), 2, "--steps")
     fails(cm("sample", runs["ict"], "--num", 2, "--out", out, "--device", "tpu"), 2, "--device")
     assert not out.exists()
 
@@ -286,7 +308,7 @@ def test_edit_tasks(runs, tmp_path):
             samples,
             "--class-label",
             1,
-            "--steps",
+            "--nfe",
             2,
             "--out",
             tmp_path / "d.png",
@@ -300,7 +322,7 @@ def test_edit_tasks(runs, tmp_path):
             runs["ict"],
             "--seeds",
             "1,2",
-            "--steps",
+            "--points",
             4,
             "--class-label",
             0,
@@ -324,7 +346,7 @@ def test_edit_errors(runs, tmp_path):
     fails(cm("edit", "superres", runs["ict"], "--input", tmp_path / "none.png", "--out", out), 1, "none.png")
     fails(cm("edit", "interpolate", runs["ict"], "--seeds", "1,2", "--out", out), 2, "--class-label")
     fails(cm("edit", "interpolate", runs["ict"], "--seeds", "1", "--class-label", 0, "--out", out), 2, "--seeds")
-    fails(cm("edit", "superres", runs["ict"], "--input", "digits", "--steps", 0, "--out", out), 2, "--steps")
+    fails(cm("edit", "superres", runs["ict"], "--input", "digits", "--nfe", 0, "--out", out), 2, "--nfe")
     out.write_bytes(b"")
     fails(cm("edit", "superres", runs["ict"], "--input", "digits", "--out", out), 1, "exists", "--overwrite")
 
@@ -338,8 +360,10 @@ def test_invert_and_reconstruct(runs, tmp_path):
     arrays = npz(out)
     assert arrays["latents"].shape == (3, 1, 8, 8) and np.isfinite(arrays["latents"]).all()
     assert arrays["sigmas"].tolist() == [0.07, 15.0, 80.0] and arrays["labels"].shape == (3,)
-    ok(cm("invert", runs["bcm"], "--input", "digits", "--limit", 2, "--steps", 3, "--out", out, "--overwrite"))
+    ok(cm("invert", runs["bcm"], "--input", "digits", "--limit", 2, "--jumps", 3, "--out", out, "--overwrite"))
     assert len(npz(out)["sigmas"]) == 4
+    old = ok(cm("invert", runs["bcm"], "--input", "digits", "--limit", 2, "--steps", 3, "--out", out, "--overwrite"))
+    assert "--steps is deprecated" in old.stderr and len(npz(out)["sigmas"]) == 4
 
     grid, report = tmp_path / "rec.png", tmp_path / "rec.json"
     result = ok(cm("reconstruct", runs["bcm"], "--input", "digits", "--limit", 3, "--out", grid, "--json", report))
@@ -353,7 +377,7 @@ def test_invert_errors(runs, tmp_path):
     fails(cm("invert", runs["ict"], "--input", "digits", "--out", out), 1, "needs a BCM checkpoint", "'ict'")
     fails(cm("reconstruct", runs["edm"], "--input", "digits", "--out", tmp_path / "r.png"), 1, "BCM", "'edm'")
     fails(cm("invert", runs["bcm"], "--input", "digits", "--sigmas", "80,15,0.07", "--out", out), 1, "increasing")
-    fails(cm("invert", runs["bcm"], "--input", "digits", "--steps", 0, "--out", out), 2, "--steps")
+    fails(cm("invert", runs["bcm"], "--input", "digits", "--jumps", 0, "--out", out), 2, "--jumps")
     rgb = tmp_path / "rgb.npz"
     np.savez(rgb, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     fails(cm("invert", runs["bcm"], "--input", rgb, "--class-label", 0, "--out", out), 1, "3×8×8", "1×8×8")
@@ -373,12 +397,12 @@ def test_eval_digits_inversion_ode_error_sweep(runs, tmp_path):
     assert np.isfinite(json.loads(report.read_text())["fd_digits"])
     fails(cm("eval", "digits", samples, "--json", report), 1, "exists")
 
-    result = ok(cm("eval", "inversion", runs["bcm"], "--input", "digits", "--limit", 2, "--steps", 1))
+    result = ok(cm("eval", "inversion", runs["bcm"], "--input", "digits", "--limit", 2, "--jumps", 1))
     assert "PSNR" in result.output
     fails(cm("eval", "inversion", runs["ict"], "--input", "digits"), 1, "BCM", "'ict'")
 
     result = ok(cm("eval", "ode-error", runs["ict"], "--teacher", runs["edm"], "--num", 3, "--nfe", 2,
-                   "--teacher-steps", 3))  # fmt: skip
+                   "--teacher-points", 3))  # fmt: skip
     assert "ODE error" in result.output and "teacher NFE 4" in result.output
     fails(cm("eval", "ode-error", runs["ict"], "--teacher", runs["bcm"], "--num", 2), 1, "--teacher", "'bcm'")
 

@@ -312,3 +312,44 @@ def test_interpolation_replays_the_same_renoising_for_every_alpha():
     torch.testing.assert_close(path[1], path[2])  # same α → same sample
     alone = interpolate(f, z1, z2, [0.5], SIGMAS, generator=_gen(33))
     torch.testing.assert_close(path[1], alone[0])
+
+
+def test_editing_takes_randn_like_draw_for_draw():
+    f = _gaussian_f((3, 8, 8))
+    y = _images(30)
+    mask = (torch.rand(1, 1, 8, 8, generator=_gen(31)) > 0.5).double()
+    gen = _gen(32)
+    calls = []
+
+    def like(x):
+        calls.append(tuple(x.shape))
+        return torch.randn(x.shape, generator=gen).to(x)
+
+    a = inpaint(f, y, mask, SIGMAS, randn_like=like)  # z, then one ε per step after the first
+    assert torch.equal(a, inpaint(f, y, mask, SIGMAS, generator=_gen(32)))
+    assert calls == [tuple(y.shape)] * len(SIGMAS)
+    with pytest.raises(ValueError, match="not both"):
+        colorize(f, y, SIGMAS, generator=_gen(1), randn_like=like)
+
+
+def test_interpolate_replays_the_first_paths_noise():
+    f = _gaussian_f((3, 4, 4))
+    shape = (2, 3, 4, 4)
+    z1 = torch.randn(shape, generator=_gen(33), dtype=torch.float64)
+    z2 = torch.randn(shape, generator=_gen(34), dtype=torch.float64)
+    gen = _gen(35)
+    out = interpolate(f, z1, z2, [0.0, 0.5, 1.0], SIGMAS, generator=gen)
+    # α = 1 re-noises with the ε α = 0 drew; the generator moved on by one path's draws only.
+    assert torch.equal(out[2], multistep_sample(f, z2, SIGMAS, generator=_gen(35)))
+    after = _gen(35)
+    multistep_sample(f, z2, SIGMAS, generator=after)
+    assert torch.equal(gen.get_state(), after.get_state())
+    calls = []
+
+    def like(x):
+        calls.append(1)
+        return torch.randn(x.shape, generator=_gen(36 + len(calls))).to(x)
+
+    again = interpolate(f, z1, z2, [0.0, 0.5, 1.0], SIGMAS, randn_like=like)
+    assert len(calls) == len(SIGMAS) - 1  # drawn once, replayed for α = 0.5 and 1
+    assert again.shape == out.shape

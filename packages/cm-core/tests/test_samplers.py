@@ -206,3 +206,57 @@ def test_half_precision_inputs_keep_python_sigmas_exact():
     # ln(2.4)/4 from the exact 2.4, not from bf16's 2.40625.
     assert abs(seen[0][0].item() - math.log(2.4) / 4) < 1e-6
     assert torch.equal(f(x, 0.002), x)
+
+
+# ---- an injected noise source (randn_like=, as EDM's sampler takes) -----------------------------
+
+
+def _like(seed):
+    """randn_like drawing what generator=Generator().manual_seed(seed) would, one call per ε."""
+    gen = torch.Generator().manual_seed(seed)
+    calls = []
+
+    def like(x):
+        calls.append(tuple(x.shape))
+        return torch.randn(x.shape, generator=gen).to(x)
+
+    return like, calls
+
+
+def test_randn_like_replaces_the_generator_draw_for_draw():
+    f = lambda x, sigma, sigma_end=None, **cond: 0.9 * x + 0.01 * (sigma_end or sigma)
+    z = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1))
+    runs = [
+        (lambda **kw: multistep_sample(f, z, [80.0, 2.0, 0.5], **kw), 2),
+        (lambda **kw: multistep_sample(f, z, [80.0, 0.8], renoise="ect", **kw), 1),
+        (lambda **kw: bcm_mixture_sample(f, z, (80.0, 3.0, 0.002), ((0.12, 0.4), (0.1, 1.2)), **kw), 2),
+        (lambda **kw: bcm_zigzag_sample(f, z, **kw), 1),
+        (lambda **kw: bcm_invert(f, z, **kw), 1),
+    ]
+    for run, draws in runs:
+        like, calls = _like(7)
+        assert torch.equal(run(randn_like=like), run(generator=torch.Generator().manual_seed(7)))
+        assert calls == [(3, 2, 4)] * draws
+        with pytest.raises(ValueError, match="generator= or randn_like=, not both"):
+            run(randn_like=like, generator=torch.Generator())
+    with pytest.raises(ValueError, match="x's shape"):
+        multistep_sample(f, z, [80.0, 1.0], randn_like=lambda x: torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match="callable"):
+        multistep_sample(f, z, [80.0, 1.0], randn_like=torch.zeros(3, 2, 4))
+    like, calls = _like(7)
+    bcm_invert(f, z, add_noise=False, randn_like=like)
+    assert calls == []
+
+
+def test_scheduler_step_takes_randn_like():
+    from cm_core import ConsistencyScheduler
+
+    sched = ConsistencyScheduler()
+    sched.set_timesteps(sigmas=[80.0, 2.0])
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 80
+    out = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    t = sched.timesteps[0]
+    a = sched.step(out, t, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    like, calls = _like(2)
+    b = sched.step(out, t, x, randn_like=like).prev_sample
+    assert torch.equal(a, b) and calls == [(2, 3)]

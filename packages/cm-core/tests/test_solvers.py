@@ -94,3 +94,17 @@ def test_bad_inputs():
         euler_step(d, x, 0.0, 0.5)
     with pytest.raises(ValueError, match="sigmas"):
         solve(d, x, [1.0, -0.5])
+
+
+def test_churn_noise_from_randn_like_equals_the_generator():
+    g = GaussianMixture([[0.0, 0.0]], 0.5)
+    z = torch.randn(5, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sigmas = edm_sampling_sigmas(6).tolist()
+    gen = torch.Generator().manual_seed(6)
+    a = solve(
+        g.as_denoiser(), 80 * z, sigmas, s_churn=5, randn_like=lambda x: torch.randn(x.shape, generator=gen).to(x)
+    )
+    b = solve(g.as_denoiser(), 80 * z, sigmas, s_churn=5, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not both"):
+        solve(g.as_denoiser(), 80 * z, sigmas, s_churn=5, generator=gen, randn_like=torch.randn_like)

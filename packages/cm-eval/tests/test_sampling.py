@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from cm_core import bcm_mixture_sample, multistep_sample
-from cm_eval import generate, load_image_folder, load_png, load_stats, parse_seeds, sample_batch
+from cm_core import SAMPLERS, bcm_mixture_sample, edm_sampling_sigmas, multistep_sample, solve
+from cm_eval import PerImageNoise, generate, load_image_folder, load_png, load_stats, parse_seeds, sample_batch
 from cm_eval._testing import GaussianImages, spawn_generate, stats_features
 
 SHAPE = (1, 8, 8)
@@ -36,10 +36,48 @@ def test_image_i_is_cm_core_multistep_with_generator_seed_i(f):
         ref = multistep_sample(f, z, SIGMAS, generator=g)
         torch.testing.assert_close(row[None], ref, rtol=0, atol=0)
     # BCM mixture (ancestral chain + one zigzag round) likewise.
-    x, _ = sample_batch(f, [3], SHAPE, [80.0, 3.0, 0.002], sampler="bcm", zigzag=[(0.12, 0.4)])
+    x, _ = sample_batch(f, [3], SHAPE, [80.0, 3.0, 0.002], sampler="bcm-mixture", zigzag=[(0.12, 0.4)])
     g = torch.Generator().manual_seed(3)
     z = torch.randn((1, *SHAPE), generator=g)
     torch.testing.assert_close(x, bcm_mixture_sample(f, z, [80.0, 3.0, 0.002], [(0.12, 0.4)], generator=g))
+
+
+def test_registry_samplers_draw_from_each_images_generator(f):
+    # cm_core's samplers with randn_like = the per-image noise: image i alone with generator seed i.
+    def alone(seed, run):
+        g = torch.Generator().manual_seed(seed)
+        return run(torch.randn((1, *SHAPE), generator=g), g)
+
+    x, _ = sample_batch(f, [3, 5], SHAPE, [80.0, 0.002], sampler="bcm-zigzag")  # BCM's (0.1, 1.2) round
+    for row, seed in zip(x, [3, 5]):
+        ref = alone(seed, lambda z, g: bcm_mixture_sample(f, z, [80.0, 0.002], [(0.1, 1.2)], generator=g))
+        assert torch.equal(row[None], ref)
+    x, _ = sample_batch(f, [4], SHAPE, [80.0, 0.8], sampler=SAMPLERS["multistep"], renoise="ect")
+    assert torch.equal(x, alone(4, lambda z, g: multistep_sample(f, z, [80.0, 0.8], generator=g, renoise="ect")))
+    # A diffusion denoiser with EDM's Heun sampler; the same with a callable in the new convention.
+    ts = edm_sampling_sigmas(4).tolist()
+    x, _ = sample_batch(f.denoise, [6, 7], SHAPE, ts, sampler="heun")
+    z = PerImageNoise([6, 7]).randn(SHAPE)
+    assert torch.equal(x, solve(f.denoise, 80.0 * z, ts))
+    mine = lambda d, z, sigmas, *, randn_like, **cond: solve(d, sigmas[0] * z, sigmas, **cond)
+    assert torch.equal(sample_batch(f.denoise, [6, 7], SHAPE, ts, sampler=mine)[0], x)
+
+
+def test_deprecated_bcm_name_and_noise_callables_still_work(f):
+    chain = [80.0, 3.0, 0.002]
+    with pytest.warns(DeprecationWarning, match='"bcm" is deprecated'):
+        old, _ = sample_batch(f, [3], SHAPE, chain, sampler="bcm")  # no zigzag: the ancestral chain
+    assert torch.equal(old, sample_batch(f, [3], SHAPE, chain, sampler="bcm-ancestral")[0])
+    with pytest.warns(DeprecationWarning):
+        old, _ = sample_batch(f, [3], SHAPE, chain, sampler="bcm", zigzag=[(0.12, 0.4)])
+    assert torch.equal(old, sample_batch(f, [3], SHAPE, chain, sampler="bcm-mixture")[0])
+
+    def legacy(f, z, sigmas, noise, **cond):  # cm-eval 0.2: ε = noise.like(x)
+        return multistep_sample(f, z, sigmas, randn_like=noise.like, **cond)
+
+    with pytest.warns(DeprecationWarning, match="randn_like"):
+        old, _ = sample_batch(f, [1, 2], SHAPE, SIGMAS, sampler=legacy)
+    assert torch.equal(old, sample_batch(f, [1, 2], SHAPE, SIGMAS)[0])
 
 
 def test_batch_size_does_not_change_images_and_resume_skips(f, tmp_path):

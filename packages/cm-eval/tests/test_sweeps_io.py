@@ -81,6 +81,25 @@ def test_best_two_step_sigma_on_a_model_that_is_exact_only_below_a_threshold():
     assert len(r["evaluations"]) <= 2 * 6 + 1
 
 
+def test_bcm_sweeps_count_nfe_and_search_the_chains_middle():
+    f = GaussianImages((1, 4, 4))
+    seen = []
+    spy = lambda x, sigma, sigma_end=0.002, **c: seen.append((sigma, sigma_end)) or f(x, sigma, sigma_end)
+    sweep = nfe_sweep(
+        spy,
+        lambda x: 0.0,
+        {"chains": [[80.0, 0.002], [80.0, 3.0, 0.002]]},
+        seeds=2,
+        shape=(1, 4, 4),
+        sampler="bcm-mixture",
+        zigzag=[(0.12, 0.4)],
+    )
+    assert [r["nfe"] for r in sweep["chains"]] == [3, 4]  # jumps + 2 per zigzag round
+    seen.clear()
+    best_two_step_sigma(spy, lambda x: 0.0, seeds=2, shape=(1, 4, 4), sampler="bcm-ancestral", iters=1, sigma_end=0.01)
+    assert seen[:2] == [(80.0, seen[0][1]), (seen[0][1], 0.01)]  # [σ_max, σ_mid, σ_end]: two jumps
+
+
 def test_sample_grid(tmp_path):
     x = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
     grid = decode_png(save_sample_grid(x, tmp_path / "grid.png", ncol=4).read_bytes())

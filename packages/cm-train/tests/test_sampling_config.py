@@ -2,6 +2,7 @@
 samples with the shifted boundary at σ_min = 0.003, σ·ε re-noising, 2 steps through 0.821), and
 model.init from a converted EDM snapshot with augment_dim = 9 starts an augment-free model."""
 
+import dataclasses
 from pathlib import Path
 
 import cm_core
@@ -32,13 +33,13 @@ def _config(tmp_path, model: dict, steps: int = 2) -> dict:
 @pytest.mark.parametrize("ect", [True, False], ids=["ect-sampling", "defaults"])
 def test_runs_sample_with_the_configured_function(tmp_path, monkeypatch, ect):
     grids = []
-    multistep = cm_core.multistep_sample
+    multistep = cm_core.get_sampler("multistep")
 
-    def spy(f, z, sigmas, **kw):  # the trainer's sample grid
+    def spy(f, z, sigmas, **kw):  # the trainer's sample grid, through the sampler registry
         grids.append((f.boundary, f.sigma_min, list(sigmas), kw["sigma_min"], kw["renoise"]))
-        return multistep(f, z, sigmas, **kw)
+        return multistep.run(f, z, sigmas, **kw)
 
-    monkeypatch.setattr(cm_core, "multistep_sample", spy)
+    monkeypatch.setitem(cm_core.SAMPLERS, "multistep", dataclasses.replace(multistep, run=spy))
     res = cm_train.run(cm_train.load_config(_config(tmp_path, ECT_SAMPLING if ect else {})), log=lambda m: None)
     boundary, sigma_min, renoise = ("shifted", 0.003, "ect") if ect else ("edm", 0.002, "cm")
     assert grids == [(boundary, sigma_min, [80.0, 0.821], sigma_min, renoise)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -61,6 +62,27 @@ def class_label_option(f):
         default=None,
         help="Class of every image (class-conditional models).",
     )(f)
+
+
+def renamed_option(old: str, new: str, param: str, **option_kw):
+    """Accept ``old`` (hidden, deprecated) as a spelling of the option ``new``, whose value is the
+    parameter ``param``. Old spellings live one release (``--steps`` meant Heun steps, σ counts, path
+    points and inversion jumps in four commands); ``option_kw``: the new option's type, so both check alike."""
+
+    def decorator(f):
+        @functools.wraps(f)
+        def command(*args, **kwargs):
+            value = kwargs.pop(f"old_{param}")
+            if value is not None:
+                if click.get_current_context().get_parameter_source(param) != click.core.ParameterSource.DEFAULT:
+                    raise click.UsageError(f"{old} is the old spelling of {new}; give {new} only")
+                click.echo(f"warning: {old} is deprecated here and will be removed; use {new}", err=True)
+                kwargs[param] = value
+            return f(*args, **kwargs)
+
+        return click.option(old, f"old_{param}", default=None, hidden=True, **option_kw)(command)
+
+    return decorator
 
 
 def parse_floats(text: str | None, name: str) -> list[float] | None:
@@ -179,6 +201,16 @@ def load_model(checkpoint, network: str = "ema", device: str = "cpu"):
     import cm_train
 
     return cm_train.load_trained(checkpoint, network=network, device=check_device(device))
+
+
+def default_sigmas(model, sampler: str, n: int | None = None, *, recipe: bool = True) -> list[float]:
+    """cm_core's default σ list of ``sampler`` (n of its count: NFE, Heun steps) on the checkpoint's
+    σ_min … σ_max; ``recipe``: the consistency samplers take its model.sample_sigmas when they have n points."""
+    import cm_core
+
+    return cm_core.get_sampler(sampler).default_sigmas(
+        n, sigma_min=model.sigma_min, sigma_max=model.sigma_max, recipe=model.sample_sigmas if recipe else ()
+    )
 
 
 def load_uint8(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:

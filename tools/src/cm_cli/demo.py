@@ -133,11 +133,6 @@ def _loss_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     return steps, losses
 
 
-def _heun(f, z, sigmas, noise, **cond):
-    """A cm_eval sampler: the teacher's PF-ODE solved with Heun from σ_0·z (EDM Algorithm 1)."""
-    return cm_core.solve(f, sigmas[0] * z, sigmas, **cond)
-
-
 def run_demo(
     out_dir="demo-out", *, quick: bool = False, overwrite: bool = False, threads: int | None = 1, log=print
 ) -> dict:
@@ -292,9 +287,10 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
         )
 
     with stage("sample and score the teacher (Heun)"):
+        heun = cm_core.get_sampler("heun")  # EDM's Heun: k time steps and a final 0, 2k − 1 NFE
         for k in HEUN_STEPS:
-            sig = cm_core.edm_sampling_sigmas(k).tolist()
-            score("teacher", "Heun", 2 * k - 1, sample(models["teacher"], sig, _heun), sig)
+            sig = heun.default_sigmas(k)
+            score("teacher", "Heun", heun.nfe(sig), sample(models["teacher"], sig, heun), sig)
 
     search_seeds = list(range(100_000, 100_000 + budget.search_samples))
     search_labels = torch.arange(budget.search_samples) % 10
@@ -302,7 +298,8 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
     for name in ("ect", "ict", "bcm"):
         model = models[name]
         bcm = model.kind == "bcm"
-        sampler, tail = ("bcm", [model.sigma_min]) if bcm else ("multistep", [])
+        sampler = cm_core.get_sampler("bcm-ancestral" if bcm else "multistep")
+        tail = [model.sigma_min] if sampler.jumps else []  # a BCM chain includes its end σ
         with stage(f"sample and score {name.upper()} at 1, 2, 4 NFE"):
             # The middle σ of 2-step sampling by ternary search on other seeds than the table's.
             search = cm_eval.ternary_search(
@@ -317,7 +314,7 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
             for sig in ([80.0], [80.0, search["best"]], FOUR_STEP):
                 sig = sig + tail
                 label = "BCM ancestral" if bcm else ("1-step" if len(sig) == 1 else "multistep")
-                score(name.upper(), label, len(sig) - len(tail), sample(model, sig, sampler), sig)
+                score(name.upper(), label, sampler.nfe(sig), sample(model, sig, sampler), sig)
 
     teacher35 = next(r for r in rows if r["model"] == "teacher" and r["nfe"] == 35)
     for r in rows:
@@ -392,7 +389,7 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
             if "side_by_side" in r:  # relative to the output folder, not the temporary one
                 r["side_by_side"] = "edits/bcm-reconstruct.png"
             variants.append(dict(r, what=what))
-        fresh = sample(models["bcm"], [80.0, 0.002], "bcm", list(range(500_000, 500_000 + m)), test_y[:m])
+        fresh = sample(models["bcm"], [80.0, 0.002], "bcm-ancestral", list(range(500_000, 500_000 + m)), test_y[:m])
         edits["bcm_inversion"] = {
             "variants": variants,
             "num_images": m,

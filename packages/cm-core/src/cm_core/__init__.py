@@ -1,8 +1,8 @@
 """cm_core: the mathematics of consistency models, for tensors of any shape [B, ...].
 
 Schedules and curricula, the consistency parameterization, losses, training objectives,
-PF-ODE solvers, samplers (one-step, multistep, BCM), zero-shot editing, EMA rules, and an exact
-Gaussian-mixture oracle.
+PF-ODE solvers, samplers (one-step, multistep, BCM; one registry, ``SAMPLERS``), zero-shot editing,
+EMA rules, and an exact Gaussian-mixture oracle.
 """
 
 from .editing import (
@@ -26,9 +26,9 @@ from .ema import (
     power_function_ema,
     sigma_rel_to_gamma,
 )
+from .functions import FUNCTIONS, FunctionKind, function_kind, register_function
 from .gaussian import GaussianMixture
 from .losses import LPIPS, default_huber_c, l1, l2_norm, pseudo_huber, pseudo_huber_reference, squared_l2, weighting
-from .functions import FUNCTIONS, FunctionKind, function_kind, register_function
 from .objectives import (
     OBJECTIVES,
     Objective,
@@ -55,6 +55,15 @@ from .samplers import (
     multistep_sample,
     onestep_sample,
 )
+from .sampling import (
+    ECT_TWO_STEP_SIGMAS,
+    EDM_HEUN_STEPS,
+    SAMPLERS,
+    Sampler,
+    get_sampler,
+    inversion_sigmas,
+    register_sampler,
+)
 from .scheduler import ConsistencyScheduler, SchedulerOutput
 from .schedules import ct_num_scales, ect_r, ect_stage, edm_sampling_sigmas, ict_num_scales, karras_sigmas
 from .solvers import euler_step, heun_step, solve
@@ -65,7 +74,9 @@ __all__ = [
     "Colorization",
     "ConsistencyFunction",
     "ConsistencyScheduler",
+    "ECT_TWO_STEP_SIGMAS",
     "EDMDenoiser",
+    "EDM_HEUN_STEPS",
     "FUNCTIONS",
     "FunctionKind",
     "GaussianMixture",
@@ -75,6 +86,8 @@ __all__ = [
     "LinearOperator",
     "OBJECTIVES",
     "Objective",
+    "SAMPLERS",
+    "Sampler",
     "SchedulerOutput",
     "SuperResolution",
     "bcm_ancestral_sample",
@@ -100,10 +113,12 @@ __all__ = [
     "function_kind",
     "gamma_to_sigma_rel",
     "get_objective",
+    "get_sampler",
     "heun_step",
     "ict_num_scales",
     "inpaint",
     "interpolate",
+    "inversion_sigmas",
     "karras_sigmas",
     "l1",
     "l2_norm",
@@ -118,6 +133,7 @@ __all__ = [
     "pseudo_huber_reference",
     "register_function",
     "register_objective",
+    "register_sampler",
     "sigma_rel_to_gamma",
     "slerp",
     "solve",

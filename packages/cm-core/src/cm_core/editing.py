@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from . import _validate as check
-from .samplers import _check_end, _check_z, _clip, _randn, multistep_sample, renoise_rule
+from ._random import NoiseSource, noise_source
+from .samplers import _check_end, _check_z, _clip, multistep_sample, renoise_rule
 
 __all__ = [
     "LinearOperator",
@@ -160,6 +161,7 @@ def edit(
     *,
     z: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    randn_like: NoiseSource | None = None,
     clip: float | None = None,
     sigma_min: float = 0.002,
     renoise: str = "cm",
@@ -171,7 +173,8 @@ def edit(
     ``known`` is a mask in the operator's space (1 = keep y's coefficient); defaults to the
     operator's own. The start point: ``"known"`` (the paper) y's known part + σ_0·z;
     ``"noise"`` σ_0·z alone (openai's code); ``"reference"`` all of y + σ_0·z (stroke-guided
-    editing, SDEdit-style).
+    editing, SDEdit-style). Noise (z when not given, then one ε per step after the first) comes
+    from ``randn_like(x)`` when given, else from ``generator``.
     """
     y = _check_z(y, "y")
     ts = check.sigma_list("sigmas", sigmas, decreasing=True)
@@ -188,15 +191,16 @@ def edit(
     if start not in ("known", "noise", "reference"):
         raise ValueError(f"start must be 'known', 'noise' or 'reference', got {start!r}")
     rule = renoise_rule(renoise)
+    eps = noise_source(generator, randn_like)
     if z is None:
-        z = _randn(y, generator)
+        z = eps(y)
     elif z.shape != y.shape:
         raise ValueError(f"z shape {tuple(z.shape)} must equal y's shape {tuple(y.shape)}")
     y_known = operator.replace(y, torch.zeros_like(y), known)
     x = ts[0] * z + {"known": y_known, "noise": 0, "reference": y}[start]
     for i, sigma in enumerate(ts):
         if i > 0:
-            x = x + rule(sigma, sigma_min) * _randn(x, generator)
+            x = x + rule(sigma, sigma_min) * eps(x)
         x = _clip(f(x, sigma, **cond), clip)
         x = operator.replace(y_known, x, known)
     return x
@@ -243,19 +247,41 @@ def slerp(z1: torch.Tensor, z2: torch.Tensor, alpha: float) -> torch.Tensor:
     return w1.reshape(shape) * z1 + w2.reshape(shape) * z2
 
 
-def interpolate(f, z1: torch.Tensor, z2: torch.Tensor, alphas: Sequence[float], sigmas, **kw) -> torch.Tensor:
-    """Samples along the slerp path between two noises: [len(alphas), B, ...]."""
+def interpolate(
+    f,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    alphas: Sequence[float],
+    sigmas,
+    *,
+    generator: torch.Generator | None = None,
+    randn_like: NoiseSource | None = None,
+    **kw,
+) -> torch.Tensor:
+    """Samples along the slerp path between two noises: [len(alphas), B, ...], by
+    :func:`~cm_core.multistep_sample` (``kw``: its options and the network's cond).
+
+    Every α uses the same re-noising ε (drawn for the first α from ``randn_like`` or ``generator``,
+    then replayed), so the path varies only through the noise z.
+    """
     if len(alphas) == 0:
         raise ValueError("alphas must hold at least one value in [0, 1]")
     for a in alphas:
         if not 0 <= float(a) <= 1 or math.isnan(float(a)):
             raise ValueError(f"alphas must lie in [0, 1], got {list(alphas)}")
-    generator = kw.pop("generator", None)
-    state = generator.get_state() if generator is not None else None
-    out = []
-    for a in alphas:
-        # Every α replays the same re-noising draws, so the path varies only through the noise z.
-        if generator is not None:
-            generator.set_state(state)
-        out.append(multistep_sample(f, slerp(z1, z2, a), sigmas, generator=generator, **kw))
+    eps = noise_source(generator, randn_like)
+    drawn: list[torch.Tensor] = []
+
+    def draw_and_keep(x: torch.Tensor) -> torch.Tensor:
+        drawn.append(eps(x))
+        return drawn[-1]
+
+    def replay() -> NoiseSource:
+        kept = iter(drawn)
+        return lambda x: next(kept)
+
+    out = [
+        multistep_sample(f, slerp(z1, z2, a), sigmas, randn_like=draw_and_keep if i == 0 else replay(), **kw)
+        for i, a in enumerate(alphas)
+    ]
     return torch.stack(out)

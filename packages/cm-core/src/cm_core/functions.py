@@ -21,6 +21,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .parameterization import BidirectionalConsistencyFunction, ConsistencyFunction, EDMDenoiser
+from .sampling import SAMPLERS
 
 __all__ = ["FunctionKind", "FUNCTIONS", "register_function", "function_kind"]
 
@@ -30,8 +31,9 @@ class FunctionKind:
     """A kind of trained function.
 
     ``build(net, *, sigma_data, sigma_min, c_noise, boundary)`` wraps a raw network
-    ``net(x_in, c_noise, **cond)``; ``samplers`` are the sampler names that fit (the CLI's
-    ``--sampler`` choices), ``default_sampler`` the one ``--sampler auto`` picks for several steps.
+    ``net(x_in, c_noise, **cond)``; ``samplers`` are the names of the registered samplers that fit
+    (:data:`cm_core.SAMPLERS`; the CLI's ``--sampler`` choices), ``default_sampler`` the one
+    ``--sampler auto`` picks for several steps.
     """
 
     name: str
@@ -42,16 +44,25 @@ class FunctionKind:
 
     def __post_init__(self):
         if self.default_sampler not in self.samplers:
-            raise ValueError(f"function kind {self.name!r}: default sampler {self.default_sampler!r} not in its samplers")
+            raise ValueError(
+                f"function kind {self.name!r}: default sampler {self.default_sampler!r} not in its samplers"
+            )
 
 
 FUNCTIONS: dict[str, FunctionKind] = {}
 
 
 def register_function(kind: FunctionKind) -> FunctionKind:
-    """Add (or replace) a kind of trained function; returns it."""
+    """Add (or replace) a kind of trained function; returns it. Its samplers must be registered
+    (:func:`cm_core.register_sampler` first for a new one)."""
     if not isinstance(kind, FunctionKind):
         raise TypeError(f"register_function takes a cm_core.FunctionKind, got {type(kind).__name__}")
+    unknown = [name for name in kind.samplers if name not in SAMPLERS]
+    if unknown:
+        raise ValueError(
+            f"function kind {kind.name!r} lists samplers {unknown} that are not registered; "
+            f"known: {', '.join(SAMPLERS)} (cm_core.register_sampler adds one)"
+        )
     FUNCTIONS[kind.name] = kind
     return kind
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as check
+from ._random import NoiseSource, noise_source
 from .parameterization import C_NOISE_CONVENTIONS, consistency_scalings
-from .samplers import RENOISE_RULES, _randn
+from .samplers import RENOISE_RULES
 from .schedules import karras_sigmas
 
 __all__ = ["ConsistencyScheduler", "SchedulerOutput"]
@@ -126,16 +127,19 @@ class ConsistencyScheduler:
         sample: torch.Tensor,
         *,
         generator: torch.Generator | None = None,
+        randn_like: NoiseSource | None = None,
         clip: float | None = None,
     ) -> SchedulerOutput:
-        """x̂ = c_skip·x + c_out·F; then x̂ + s(σ_next)·ε unless this was the last step."""
+        """x̂ = c_skip·x + c_out·F; then x̂ + s(σ_next)·ε unless this was the last step
+        (ε from ``randn_like(x̂)`` when given, else from ``generator``)."""
         sigma = self._sigma(timestep)
         c_skip, c_out, _ = (float(v) for v in consistency_scalings(sigma, self.sigma_data, self.sigma_min))
         denoised = c_skip * sample + c_out * model_output.to(sample.dtype)
         if clip is not None:
             denoised = denoised.clamp(-clip, clip)
+        eps = noise_source(generator, randn_like)
         if self._index + 1 >= len(self.sigmas):
             return SchedulerOutput(denoised, denoised)
         sigma_next = float(self.sigmas[self._index + 1])
-        noise = RENOISE_RULES[self.renoise](sigma_next, self.sigma_min) * _randn(denoised, generator)
+        noise = RENOISE_RULES[self.renoise](sigma_next, self.sigma_min) * eps(denoised)
         return SchedulerOutput(denoised + noise, denoised)

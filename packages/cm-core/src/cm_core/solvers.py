@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import _validate as check
-from ._random import randn_like
+from ._random import NoiseSource, noise_source
 
 __all__ = ["euler_step", "heun_step", "solve", "SOLVERS"]
 
@@ -77,6 +77,7 @@ def solve(
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
     generator: torch.Generator | None = None,
+    randn_like: NoiseSource | None = None,
     progress: Callable | None = None,
     **cond,
 ) -> torch.Tensor:
@@ -84,7 +85,8 @@ def solve(
 
     ``sigmas`` may descend (sampling; may end at 0) or ascend (inversion, no churn). With
     ``s_churn > 0`` (descending only) noise is added first: γ = min(S_churn/N, √2 − 1) for
-    σ in [S_tmin, S_tmax], t_hat = σ·(1 + γ), x_hat = x + √(t_hat² − σ²)·S_noise·ε.
+    σ in [S_tmin, S_tmax], t_hat = σ·(1 + γ), x_hat = x + √(t_hat² − σ²)·S_noise·ε, with ε from
+    ``randn_like(x)`` (EDM's argument) when given, else from ``generator``.
     ``progress`` wraps the step iterator (e.g. tqdm) for long solves.
     """
     try:
@@ -101,13 +103,14 @@ def solve(
     s_churn = check.non_negative("s_churn", s_churn)
     if s_churn > 0 and not descending:
         raise ValueError("s_churn > 0 needs descending sigmas (stochastic sampling)")
+    eps_like = noise_source(generator, randn_like)
     n = len(ts) - 1
     pairs = list(zip(ts[:-1], ts[1:]))
     for t_cur, t_next in progress(pairs) if progress else pairs:
         if s_churn > 0 and s_tmin <= t_cur <= s_tmax:
             gamma = min(s_churn / n, math.sqrt(2) - 1)
             t_hat = t_cur * (1 + gamma)
-            eps = randn_like(x, generator)
+            eps = eps_like(x)
             x = x + math.sqrt(t_hat**2 - t_cur**2) * s_noise * eps
             t_cur = t_hat
         if t_cur == 0:

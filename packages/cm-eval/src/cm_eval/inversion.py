@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cm_core import bcm_invert, bcm_reconstruct
+from cm_core.samplers import BCM_INVERT_SIGMAS
 from cm_nets.files import image_grid, save_png
 
 from .features import to_uint8
@@ -32,7 +33,7 @@ def inversion_error(
     f,
     images: torch.Tensor,
     *,
-    invert_sigmas: Sequence[float] = (0.07, 15.0, 80.0),
+    invert_sigmas: Sequence[float] = BCM_INVERT_SIGMAS,
     reconstruct_sigmas: Sequence[float] = (80.0, 0.002),
     add_noise: bool = True,
     seeds: Sequence[int] | None = None,
@@ -63,9 +64,8 @@ def inversion_error(
         x = images[i : i + batch_size]
         if labels is not None:
             cond = dict(cond, class_labels=labels[i : i + batch_size])
-        if add_noise:
-            x = x + float(invert_sigmas[0]) * PerImageNoise(seeds[i : i + batch_size]).like(x)
-        latent = bcm_invert(f, x, invert_sigmas, add_noise=False, **cond)
+        noise = PerImageNoise(seeds[i : i + batch_size])
+        latent = bcm_invert(f, x, invert_sigmas, add_noise=add_noise, randn_like=noise.like, **cond)
         recon.append(bcm_reconstruct(f, latent, reconstruct_sigmas, **cond))
     recon = torch.cat(recon)
     err = (recon.double() - images.double()).square().flatten(1).mean(1)

@@ -13,13 +13,17 @@ that it can resume too.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
+import types
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from cm_core.samplers import RENOISE_RULES
+from cm_core import SAMPLERS, Sampler, get_sampler
 
 from ._io import atomic_save_npz, save_png
 from .features import to_uint8
@@ -51,7 +55,10 @@ def parse_seeds(spec) -> list[int]:
 
 
 class PerImageNoise:
-    """One CPU generator per image; ``randn(shape)`` stacks one draw per image → [B, *shape]."""
+    """One CPU generator per image; ``randn(shape)`` stacks one draw per image → [B, *shape].
+
+    ``like`` is a noise source for cm_core's samplers and editors (``randn_like=noise.like``).
+    """
 
     def __init__(self, seeds: Sequence[int]):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -66,43 +73,26 @@ class PerImageNoise:
         return self.randn(x.shape[1:]).to(x)
 
 
-def _clip(x, clip):
-    return x if clip is None else x.clamp(-clip, clip)
+# Deprecated in cm-eval 0.3, removed in 0.4: the sampler name "bcm" (BCM's jump chain, with zigzag
+# rounds when zigzag= is given), now cm_core's bcm-ancestral / bcm-zigzag / bcm-mixture, and
+# callables sampler(f, z, sigmas, noise, **options) that drew ε as noise.like(x).
+_BCM = dataclasses.replace(SAMPLERS["bcm-mixture"], name="bcm", options={"zigzag": ()})
 
 
-def _onestep(f, z, sigmas, noise, *, clip=None, **cond):
-    return _clip(f(sigmas[0] * z, sigmas[0], **cond), clip)
+def _legacy(fn: Callable) -> Callable:
+    def run(f, z, sigmas, *, randn_like, **options):
+        return fn(f, z, sigmas, types.SimpleNamespace(like=randn_like), **options)
+
+    return run
 
 
-def _multistep(f, z, sigmas, noise, *, clip=None, sigma_min=0.002, renoise="cm", **cond):
-    # cm_core.multistep_sample's recursion (CM Algorithm 1), with ε from each image's generator.
-    rule = RENOISE_RULES[renoise]
-    x = _clip(f(sigmas[0] * z, sigmas[0], **cond), clip)
-    for sigma in sigmas[1:]:
-        x = _clip(f(x + rule(sigma, sigma_min) * noise.like(x), sigma, **cond), clip)
-    return x
-
-
-def _bcm_chain(f, x, ts, **cond):
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        x = f(x, t_cur, t_next, **cond)
-    return x
-
-
-def _bcm_mixture(f, z, sigmas, noise, *, clip=None, zigzag=(), **cond):
-    # cm_core.bcm_mixture_sample (ancestral chain, then zigzag rounds (σ_noise, σ_up)), per-image ε.
-    x = _clip(_bcm_chain(f, sigmas[0] * z, list(sigmas), **cond), clip)
-    for s_noise, s_up in zigzag:
-        x = _clip(_bcm_chain(f, x + s_noise * noise.like(x), [s_noise, s_up, sigmas[-1]], **cond), clip)
-    return x
-
-
-# name -> sampler(f, z, sigmas, noise, **options); a user callable with this signature works too.
-SAMPLERS: dict[str, Callable] = {
-    "onestep": _onestep,
-    "multistep": _multistep,
-    "bcm": _bcm_mixture,  # ancestral with zigzag=() (default); mixture/zigzag with zigzag pairs
-}
+def _positional(fn: Callable) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 3
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
 
 
 def check_labels(labels, count: int, per: str = "seed") -> torch.Tensor | None:
@@ -115,10 +105,36 @@ def check_labels(labels, count: int, per: str = "seed") -> torch.Tensor | None:
     return labels
 
 
+def resolve_sampler(sampler) -> Callable:
+    """A sampler name of :data:`cm_core.SAMPLERS`, a :class:`cm_core.Sampler`, or a callable
+    ``sampler(f, z, sigmas, *, randn_like, **options)`` → what :func:`sample_batch` calls."""
+    if sampler == "bcm":
+        warnings.warn(
+            'sampler="bcm" is deprecated: use "bcm-ancestral", or "bcm-mixture" / "bcm-zigzag" with zigzag=',
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return _BCM
+    if isinstance(sampler, (str, Sampler)):
+        try:
+            return get_sampler(sampler)
+        except ValueError:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)} or a callable, got {sampler!r}") from None
+    if not callable(sampler):
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)} or a callable, got {sampler!r}")
+    if _positional(sampler) >= 4:
+        warnings.warn(
+            "a sampler(f, z, sigmas, noise, **options) is deprecated: take randn_like= instead of noise "
+            "(noise.like is passed as randn_like)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return _legacy(sampler)
+    return sampler
+
+
 def _check_sampler(sampler, sigmas) -> tuple[Callable, list[float]]:
-    fn = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
-    if fn is None:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)} or a callable, got {sampler!r}")
+    fn = resolve_sampler(sampler)
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[0] <= 0:
         raise ValueError(f"sigmas must be positive and strictly decreasing, got {sigmas}")
@@ -141,9 +157,12 @@ def sample_batch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples [B, *shape] for ``seeds`` (and their labels when ``num_classes``), deterministic per seed.
 
-    Draw order per image: z ~ N(0, I) of ``shape``, then the label (if any), then the sampler's ε.
-    ``labels`` (one per seed) fixes the classes instead of drawing them; the draw order of z and ε
-    stays the same, so image i with label c is the image a random draw of c would have given.
+    ``sampler``: a name of :data:`cm_core.SAMPLERS` (``options``: its options, e.g. ``renoise=``,
+    ``zigzag=``), a :class:`cm_core.Sampler`, or a callable ``sampler(f, z, sigmas, *, randn_like,
+    **options)``; it gets ``randn_like=`` the per-image noise. Draw order per image: z ~ N(0, I) of
+    ``shape``, then the label (if any), then the sampler's ε. ``labels`` (one per seed) fixes the
+    classes instead of drawing them; the draw order of z and ε stays the same, so image i with
+    label c is the image a random draw of c would have given.
     """
     fn, sigmas = _check_sampler(sampler, sigmas)
     noise = PerImageNoise(seeds)
@@ -159,7 +178,7 @@ def sample_batch(
     elif num_classes is not None:
         labels = noise.randint(num_classes)
         cond["class_labels"] = labels.to(device)
-    return fn(f, z, sigmas, noise, **options, **cond), labels
+    return fn(f, z, sigmas, randn_like=noise.like, **options, **cond), labels
 
 
 def _dist_info():
@@ -189,11 +208,13 @@ def generate(
 ) -> dict:
     """Generate one image per seed with ``f`` and write them to ``out``, resuming where it stopped.
 
-    ``f``: a consistency function f(x, σ, **cond) (or BCM's f(x, σ, σ_end) for ``sampler="bcm"``)
-    returning images in [-1, 1]. ``out``: a folder (PNG) or a path ending in ``.npz``. Seeds are
-    dealt to ``torch.distributed`` ranks round-robin (rank r takes seeds[r::world]) when a
-    process group is initialized; every rank must call this. ``class_label`` gives every image
-    that class (else labels are drawn per seed when ``num_classes``). Returns counts and the path.
+    ``f``: the function the sampler takes (a consistency function f(x, σ, **cond), BCM's
+    f(x, σ, σ_end) for the ``bcm-*`` samplers, a denoiser for ``heun``) returning images in
+    [-1, 1]. ``sampler`` and ``options``: as :func:`sample_batch`. ``out``: a folder (PNG) or a
+    path ending in ``.npz``. Seeds are dealt to ``torch.distributed`` ranks round-robin (rank r
+    takes seeds[r::world]) when a process group is initialized; every rank must call this.
+    ``class_label`` gives every image that class (else labels are drawn per seed when
+    ``num_classes``). Returns counts and the path.
     """
     if class_label is not None and (num_classes is None or not 0 <= int(class_label) < num_classes):
         raise ValueError(f"class_label {class_label} needs a conditional model with more than {class_label} classes")

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cm_core import Sampler
 
 from ._io import atomic_write_bytes, atomic_write_json, save_png
 from .features import image_grid, to_uint8
-from .sampling import check_labels, parse_seeds, sample_batch
+from .sampling import check_labels, parse_seeds, resolve_sampler, sample_batch
 
 __all__ = [
     "sample_images",
@@ -74,16 +75,18 @@ def nfe_sweep(
     """Evaluate ``metric(samples)`` for every σ list of every named schedule (``progress`` wraps
     the iterator over all σ lists, e.g. tqdm).
 
-    ``schedules``: {"name": [[80.0], [80.0, 0.8], …]}; NFE = len(σ list) for the multistep and
-    one-step samplers (BCM's samplers: the number of jumps). The same seeds are used throughout,
-    so differences between schedules are not sampling noise of z.
+    ``schedules``: {"name": [[80.0], [80.0, 0.8], …]}; NFE as the sampler counts it
+    (:meth:`cm_core.Sampler.nfe`: one per σ for multistep, jumps and zigzag rounds for BCM's; a
+    callable sampler: len(σ list)). The same seeds are used throughout, so differences between
+    schedules are not sampling noise of z.
     Returns {"name": [{"nfe", "sigmas", "metric"}, …]}.
     """
+    spec = resolve_sampler(sampler)
     out = {name: [] for name in schedules}
     todo = [(name, sigmas) for name, lists in schedules.items() for sigmas in lists]
     for name, sigmas in _wrap(progress, todo):
-        x = sample_images(f, seeds=seeds, shape=shape, sigmas=sigmas, sampler=sampler, batch_size=batch_size, **options)
-        nfe = len(sigmas) if sampler != "bcm" else len(sigmas) - 1 + 2 * len(options.get("zigzag", ()))
+        x = sample_images(f, seeds=seeds, shape=shape, sigmas=sigmas, sampler=spec, batch_size=batch_size, **options)
+        nfe = spec.nfe(sigmas, **options) if isinstance(spec, Sampler) else len(sigmas)
         out[name].append({"nfe": nfe, "sigmas": [float(s) for s in sigmas], "metric": float(metric(x))})
     return out
 
@@ -133,11 +136,15 @@ def best_two_step_sigma(
     sigma_end: float = 0.002,
     **options,
 ) -> dict:
-    """Ternary search for the middle σ of 2-step sampling [σ_max, σ_mid] (BCM: [σ_max, σ_mid, σ_end])."""
+    """Ternary search for the middle σ of 2-step sampling [σ_max, σ_mid] (BCM's chains, which end
+    at their last σ: [σ_max, σ_mid, σ_end])."""
+    spec = resolve_sampler(sampler)
+    tail = [sigma_end] if isinstance(spec, Sampler) and spec.jumps else []
 
     def objective(mid):
-        sigmas = [sigma_max, mid] if sampler != "bcm" else [sigma_max, mid, sigma_end]
-        return metric(sample_images(f, seeds=seeds, shape=shape, sigmas=sigmas, sampler=sampler, **options))
+        return metric(
+            sample_images(f, seeds=seeds, shape=shape, sigmas=[sigma_max, mid, *tail], sampler=spec, **options)
+        )
 
     return ternary_search(objective, lo, hi, iters=iters)
 

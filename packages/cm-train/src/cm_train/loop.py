@@ -328,16 +328,18 @@ class Trainer:
         z = self.fixed_noise.to(self.device)
         cond = self.cond(self.fixed_labels)
         out = []
+        m = self.cfg.model
         if self.kind.name == "diffusion":
-            sig = cm_core.edm_sampling_sigmas(18, self.cfg.model.sigma_min)
-            runs = {"heun35": cm_core.solve(f, z * sig[0].item(), sig, **cond)}
+            heun = cm_core.get_sampler("heun")
+            sig = heun.default_sigmas(sigma_min=m.sigma_min)  # EDM's 18 time steps: 35 NFE
+            runs = {f"heun{heun.nfe(sig)}": heun(f, z, sig, **cond)}
         else:
-            m = self.cfg.model
+            onestep, multistep = cm_core.get_sampler("onestep"), cm_core.get_sampler("multistep")
             gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)
-            sigmas = list(m.sample_sigmas) or [80.0, 0.821]  # ECT's 2-step σ's unless the recipe names its own
-            runs = {"1step": cm_core.onestep_sample(f, z, **cond)}
+            sigmas = list(m.sample_sigmas) or list(cm_core.ECT_TWO_STEP_SIGMAS)  # the recipe's, else ECT's 2-step
+            runs = {"1step": onestep(f, z, onestep.default_sigmas(), **cond)}
             if len(sigmas) > 1:
-                runs[f"{len(sigmas)}step"] = cm_core.multistep_sample(
+                runs[f"{multistep.nfe(sigmas)}step"] = multistep(
                     f, z, sigmas, generator=gen, sigma_min=m.eval_sigma_min, renoise=m.sample_renoise, **cond
                 )
         for tag, x in runs.items():

@@ -12,6 +12,7 @@ from .._common import (
     check_out,
     check_shape,
     class_label_option,
+    default_sigmas,
     device_option,
     labels_for,
     load_images,
@@ -19,8 +20,8 @@ from .._common import (
     network_option,
     overwrite_option,
     parse_floats,
+    renamed_option,
 )
-from .sample import default_sigmas
 
 
 def _common(f):
@@ -36,13 +37,14 @@ def _common(f):
             ),
             click.option("--out", required=True, type=click.Path(dir_okay=False), help="Grid PNG to write."),
             click.option(
-                "--steps",
+                "--nfe",
                 type=click.IntRange(1, 1000),
                 default=8,
                 show_default=True,
-                help="σ schedule length: Karras grid points from σ_max down (σ_min excluded).",
+                help="Network evaluations: the σ list of `cm sample --nfe` (Karras grid points from σ_max down).",
             ),
-            click.option("--sigmas", default=None, help="Explicit σ schedule, e.g. 80,10,2,0.5 (overrides --steps)."),
+            renamed_option("--steps", "--nfe", "nfe", type=click.IntRange(1, 1000)),
+            click.option("--sigmas", default=None, help="Explicit σ schedule, e.g. 80,10,2,0.5 (overrides --nfe)."),
             click.option("--limit", type=click.IntRange(min=1), default=8, show_default=True, help="Images to edit."),
             click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Noise seed."),
             class_label_option,
@@ -55,7 +57,7 @@ def _common(f):
     return f
 
 
-def _setup(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device, overwrite):
+def _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device, overwrite):
     import torch
 
     out = check_out(out, overwrite)
@@ -68,7 +70,7 @@ def _setup(checkpoint, images, out, steps, sigmas, limit, seed, class_label, net
     x, labels = load_images(images, limit)
     check_shape(x, model, f"the images of {images}")
     labels = labels_for(model, len(x), class_label, labels)
-    ts = parse_floats(sigmas, "--sigmas") or default_sigmas(model, steps)
+    ts = parse_floats(sigmas, "--sigmas") or default_sigmas(model, "multistep", nfe)
     kw = dict(generator=torch.Generator().manual_seed(seed), sigma_min=model.sigma_min, clip=1.0)
     kw.update(model.cond(None if labels is None else labels.to(device)))
     return model, x.to(device), out, ts, kw
@@ -131,7 +133,7 @@ def edit() -> None:
     required=True,
     help=f"PNG of the images' size (white = keep) or a region to regenerate: {', '.join(NAMED_MASKS)}.",
 )
-def inpaint(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device, overwrite, mask):
+def inpaint(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device, overwrite, mask):
     """Regenerate the masked-out pixels of each image.
 
     \b
@@ -140,7 +142,7 @@ def inpaint(checkpoint, images, out, steps, sigmas, limit, seed, class_label, ne
     """
     import cm_core
 
-    model, x, out, ts, kw = _setup(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device,
+    model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
     m = _mask(mask, x)
     y = cm_core.inpaint(model.function, x, m, ts, **kw)
@@ -149,7 +151,7 @@ def inpaint(checkpoint, images, out, steps, sigmas, limit, seed, class_label, ne
 
 @edit.command()
 @_common
-def colorize(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device, overwrite):
+def colorize(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device, overwrite):
     """Keep each RGB image's luma, generate its colours (needs a 3-channel model).
 
     \b
@@ -158,7 +160,7 @@ def colorize(checkpoint, images, out, steps, sigmas, limit, seed, class_label, n
     """
     import cm_core
 
-    model, x, out, ts, kw = _setup(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device,
+    model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
     if x.shape[1] != 3:
         raise ValueError(f"colorize needs RGB images; {model.checkpoint} makes {x.shape[1]}-channel images")
@@ -171,7 +173,7 @@ def colorize(checkpoint, images, out, steps, sigmas, limit, seed, class_label, n
 @click.option(
     "--patch-size", type=click.IntRange(min=2), default=2, show_default=True, help="Downsampling factor p (p×p)."
 )
-def superres(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device, overwrite, patch_size):
+def superres(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device, overwrite, patch_size):
     """Super-resolve: keep every p×p patch mean of the image, generate the detail.
 
     \b
@@ -180,7 +182,7 @@ def superres(checkpoint, images, out, steps, sigmas, limit, seed, class_label, n
     """
     import cm_core
 
-    model, x, out, ts, kw = _setup(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device,
+    model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
     y = cm_core.super_resolve(model.function, x, ts, patch_size=patch_size, **kw)
     _save(out, [x, cm_core.SuperResolution(patch_size).downsample(x), y], "original / low-resolution / super-resolved")
@@ -188,16 +190,16 @@ def superres(checkpoint, images, out, steps, sigmas, limit, seed, class_label, n
 
 @edit.command()
 @_common
-def stroke(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device, overwrite):
+def stroke(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device, overwrite):
     """Stroke-guided generation (SDEdit-style): start from the painting plus noise.
 
     \b
     Example:
-      cm edit stroke runs/digits-ict --input strokes/ --class-label 3 --steps 3 --out stroke.png
+      cm edit stroke runs/digits-ict --input strokes/ --class-label 3 --nfe 3 --out stroke.png
     """
     import cm_core
 
-    model, x, out, ts, kw = _setup(checkpoint, images, out, steps, sigmas, limit, seed, class_label, network, device,
+    model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
     y = cm_core.stroke_edit(model.function, x, ts, **kw)
     _save(out, [x, x, y], "stroke painting / input / result")
@@ -206,22 +208,25 @@ def stroke(checkpoint, images, out, steps, sigmas, limit, seed, class_label, net
 @edit.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--seeds", "seed_pair", required=True, help="Two seeds A,B: the noises to interpolate between.")
-@click.option("--steps", type=click.IntRange(2, 100), default=8, show_default=True, help="Points along the path.")
-@click.option("--nfe", type=click.IntRange(1, 1000), default=1, show_default=True, help="Sampling steps per point.")
+@click.option("--points", type=click.IntRange(2, 100), default=8, show_default=True, help="Points along the path.")
+@renamed_option("--steps", "--points", "points", type=click.IntRange(2, 100))
+@click.option(
+    "--nfe", type=click.IntRange(1, 1000), default=1, show_default=True, help="Network evaluations per point."
+)
 @click.option("--sigmas", default=None, help="Explicit sampling σ list (overrides --nfe).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG row to write.")
 @class_label_option
 @network_option
 @device_option
 @overwrite_option
-def interpolate(checkpoint, seed_pair, steps, nfe, sigmas, out, class_label, network, device, overwrite):
+def interpolate(checkpoint, seed_pair, points, nfe, sigmas, out, class_label, network, device, overwrite):
     """Samples along the spherical path between the noises of two seeds (α = 0 … 1).
 
     The ends are the images `cm sample --seeds A` and `--seeds B` would give (one-step sampling).
 
     \b
     Example:
-      cm edit interpolate runs/digits-ict --seeds 3,7 --steps 8 --class-label 5 --out interp.png
+      cm edit interpolate runs/digits-ict --seeds 3,7 --points 8 --class-label 5 --out interp.png
     """
     import cm_core
     import cm_eval
@@ -238,10 +243,10 @@ def interpolate(checkpoint, seed_pair, steps, nfe, sigmas, out, class_label, net
     if model.kind == "diffusion":
         raise CliError(f"interpolate needs a consistency or BCM checkpoint; {model.checkpoint} is a diffusion model")
     labels = labels_for(model, 1, class_label)
-    ts = parse_floats(sigmas, "--sigmas") or default_sigmas(model, nfe)
+    ts = parse_floats(sigmas, "--sigmas") or default_sigmas(model, "multistep", nfe)
     z1 = cm_eval.PerImageNoise([a]).randn(model.sample_shape).to(device)
     z2 = cm_eval.PerImageNoise([b]).randn(model.sample_shape).to(device)
-    alphas = torch.linspace(0, 1, steps).tolist()
+    alphas = torch.linspace(0, 1, points).tolist()
     cond = model.cond(None if labels is None else labels.to(device))
     x = cm_core.interpolate(model.function, z1, z2, alphas, ts, generator=torch.Generator().manual_seed(a),
                             sigma_min=model.sigma_min, **cond)  # fmt: skip

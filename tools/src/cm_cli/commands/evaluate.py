@@ -13,6 +13,7 @@ from .._common import (
     batches,
     check_out,
     class_label_option,
+    default_sigmas,
     device_option,
     echo_json,
     json_option,
@@ -22,9 +23,9 @@ from .._common import (
     overwrite_option,
     parse_ints,
     progress,
+    renamed_option,
 )
 from .invert import inversion_result, need_bcm, reconstruct_options, report_line
-from .sample import chain_sigmas, default_sigmas
 
 INCEPTION_WHERE = (
     "pass the path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
@@ -247,7 +248,7 @@ def digits(samples, json_path, overwrite):
 @device_option
 @json_option
 @overwrite_option
-def inversion(checkpoint, images, sigmas, steps, reconstruct, limit, batch_size, class_label, network, device,
+def inversion(checkpoint, images, sigmas, jumps, reconstruct, limit, batch_size, class_label, network, device,
               json_path, overwrite):  # fmt: skip
     """Inversion MSE and PSNR of a BCM checkpoint (invert, reconstruct, compare).
 
@@ -258,7 +259,7 @@ def inversion(checkpoint, images, sigmas, steps, reconstruct, limit, batch_size,
     _precheck(json_path, overwrite)
     model = load_model(checkpoint, network, device)
     need_bcm(model, "cm eval inversion")
-    r = inversion_result(model, images, limit, class_label, device, steps, sigmas, reconstruct, batch_size)
+    r = inversion_result(model, images, limit, class_label, device, jumps, sigmas, reconstruct, batch_size)
     _finish(report_line(r), r, json_path, overwrite)
 
 
@@ -266,10 +267,15 @@ def inversion(checkpoint, images, sigmas, steps, reconstruct, limit, batch_size,
 @click.argument("checkpoint", type=click.Path())
 @click.option("--teacher", required=True, type=click.Path(), help="The diffusion (teacher) checkpoint.")
 @click.option("--num", type=click.IntRange(min=1), default=256, show_default=True, help="Images (seeds 0..N-1).")
-@click.option("--nfe", type=click.IntRange(1, 1000), default=1, show_default=True, help="Student sampling steps.")
+@click.option("--nfe", type=click.IntRange(1, 1000), default=1, show_default=True, help="Student network evaluations.")
 @click.option(
-    "--teacher-steps", type=click.IntRange(2, 10000), default=80, show_default=True, help="Teacher Heun σ points."
+    "--teacher-points",
+    type=click.IntRange(2, 10000),
+    default=80,
+    show_default=True,
+    help="Points of the teacher's Karras grid σ_max → σ_min (Heun; NFE 2·(points−1)).",
 )
+@renamed_option("--teacher-steps", "--teacher-points", "teacher_points", type=click.IntRange(2, 10000))
 @click.option("--cache", type=click.Path(dir_okay=False), default=None, help="Cache the teacher's solutions here.")
 @batch_option(64)
 @class_label_option
@@ -277,12 +283,12 @@ def inversion(checkpoint, images, sigmas, steps, reconstruct, limit, batch_size,
 @device_option
 @json_option
 @overwrite_option
-def ode_error(checkpoint, teacher, num, nfe, teacher_steps, cache, batch_size, class_label, network, device, json_path,
+def ode_error(checkpoint, teacher, num, nfe, teacher_points, cache, batch_size, class_label, network, device, json_path,
               overwrite):  # fmt: skip
     """ODE solving error (Direct CM): student samples vs the teacher's PF-ODE solution from the same noise.
 
-    The student samples with --nfe steps (as `cm sample`); the teacher solves with Heun on a
-    Karras grid of --teacher-steps points σ_max → σ_min. Conditional models: seed i gets class
+    The student samples with --nfe network evaluations (as `cm sample`); the teacher solves with
+    Heun on a Karras grid of --teacher-points points σ_max → σ_min. Conditional models: seed i gets class
     i mod num_classes unless --class-label.
 
     \b
@@ -316,9 +322,9 @@ def ode_error(checkpoint, teacher, num, nfe, teacher_steps, cache, batch_size, c
         denoiser.function,
         seeds=num,
         shape=model.sample_shape,
-        student_sigmas=default_sigmas(model, nfe),
+        student_sigmas=default_sigmas(model, "multistep", nfe),
         renoise=model.renoise,
-        teacher_sigmas=cm_eval.default_teacher_sigmas(teacher_steps, denoiser.sigma_min, denoiser.sigma_max),
+        teacher_sigmas=cm_eval.default_teacher_sigmas(teacher_points, denoiser.sigma_min, denoiser.sigma_max),
         cache=cache,
         batch_size=batch_size,
         labels=labels,
@@ -364,10 +370,10 @@ def sweep(checkpoint, metric, nfe_list, num, out, batch_size, network, device, j
     if model.kind == "diffusion":
         raise CliError(f"sweep needs a consistency or BCM checkpoint; {model.checkpoint} is a diffusion model")
     if model.kind == "bcm":
-        sampler, lists, options = "bcm", [chain_sigmas(model, k) for k in nfes], {}
+        sampler, options = "bcm-ancestral", {}
     else:
-        lists = [default_sigmas(model, k, recipe=False) for k in nfes]  # the Karras sweep
         sampler, options = "multistep", {"sigma_min": model.sigma_min, "renoise": model.renoise}
+    lists = [default_sigmas(model, sampler, k, recipe=False) for k in nfes]  # the Karras sweep
     metrics = {"fd-digits": cm_eval.fd_digits}
     result = cm_eval.nfe_sweep(
         model.function,

@@ -11,6 +11,7 @@ from .._common import (
     check_out,
     check_shape,
     class_label_option,
+    default_sigmas,
     device_option,
     echo_json,
     json_option,
@@ -21,10 +22,8 @@ from .._common import (
     overwrite_option,
     parse_floats,
     progress,
+    renamed_option,
 )
-
-INVERT_START = 0.07  # σ_0: the small noise BCM adds before jumping up (its paper's default)
-BCM_INVERT_RECIPE = (0.07, 15.0)  # + σ_max: BCM's 2-jump inversion 0.07 → 15 → 80
 
 
 def need_bcm(model, command: str) -> None:
@@ -35,17 +34,14 @@ def need_bcm(model, command: str) -> None:
         )
 
 
-def invert_sigmas(model, steps: int | None, sigmas: str | None) -> list[float]:
-    """--sigmas as given; else --steps k: k+1 Karras points from 0.07 up to σ_max; else 0.07 → 15 → σ_max."""
+def invert_sigmas(model, jumps: int | None, sigmas: str | None) -> list[float]:
+    """--sigmas as given; else cm_core.inversion_sigmas: --jumps k: k+1 Karras points from 0.07 up to
+    σ_max; no --jumps: BCM's 0.07 → 15 → σ_max."""
     import cm_core
 
     if sigmas is not None:
         return parse_floats(sigmas, "--sigmas")
-    if steps is None:
-        return [*BCM_INVERT_RECIPE, model.sigma_max]
-    if steps == 1:
-        return [INVERT_START, model.sigma_max]
-    return cm_core.karras_sigmas(steps + 1, INVERT_START, model.sigma_max).tolist()
+    return cm_core.inversion_sigmas(jumps, sigma_max=model.sigma_max)
 
 
 def _inputs(model, images, limit, class_label, device):
@@ -58,12 +54,12 @@ def _inputs(model, images, limit, class_label, device):
 def _sigma_options(f):
     f = click.option("--sigmas", default=None, help="Increasing inversion σ list, e.g. 0.07,15,80.")(f)
     f = click.option(
-        "--steps",
+        "--jumps",
         type=click.IntRange(1, 100),
         default=None,
         help="Inversion jumps k: k+1 Karras points 0.07 → σ_max [default: BCM's 0.07 → 15 → σ_max].",
     )(f)
-    return f
+    return renamed_option("--steps", "--jumps", "jumps", type=click.IntRange(1, 100))(f)
 
 
 @click.command()
@@ -78,7 +74,7 @@ def _sigma_options(f):
 @network_option
 @device_option
 @overwrite_option
-def invert(checkpoint, images, out, sigmas, steps, no_noise, limit, batch_size, class_label, network, device,
+def invert(checkpoint, images, out, sigmas, jumps, no_noise, limit, batch_size, class_label, network, device,
            overwrite):  # fmt: skip
     """Invert images to noise with a BCM checkpoint.
 
@@ -97,17 +93,17 @@ def invert(checkpoint, images, out, sigmas, steps, no_noise, limit, batch_size, 
     out = check_out(out, overwrite)
     model = load_model(checkpoint, network, device)
     need_bcm(model, "cm invert")
-    ts = invert_sigmas(model, steps, sigmas)
+    ts = invert_sigmas(model, jumps, sigmas)
     x, labels = _inputs(model, images, limit, class_label, device)
     latents = []
     chunks = [range(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
     with torch.no_grad():
         for idx in progress("inverting")(chunks):
             xb = x[idx.start : idx.stop]
-            if not no_noise:
-                xb = xb + ts[0] * cm_eval.PerImageNoise(list(idx)).like(xb)
+            noise = cm_eval.PerImageNoise(list(idx))  # image i's σ_0 noise from seed i
             cond = model.cond(None if labels is None else labels[idx.start : idx.stop].to(device))
-            latents.append(cm_core.bcm_invert(model.function, xb, ts, add_noise=False, **cond).float().cpu())
+            latent = cm_core.bcm_invert(model.function, xb, ts, add_noise=not no_noise, randn_like=noise.like, **cond)
+            latents.append(latent.float().cpu())
     arrays = {"latents": torch.cat(latents).numpy(), "sigmas": np.array(ts, np.float64)}
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -115,15 +111,15 @@ def invert(checkpoint, images, out, sigmas, steps, no_noise, limit, batch_size, 
     click.echo(f"wrote {out}: {len(x)} latents at σ={ts[-1]:g} (sigmas {ts}, {len(ts) - 1} NFE)")
 
 
-def inversion_result(model, images, limit, class_label, device, steps, sigmas, reconstruct, batch_size, grid=None):
+def inversion_result(model, images, limit, class_label, device, jumps, sigmas, reconstruct, batch_size, grid=None):
     import cm_eval
 
     x, labels = _inputs(model, images, limit, class_label, device)
-    back = parse_floats(reconstruct, "--reconstruct-sigmas") or [model.sigma_max, model.sigma_min]
+    back = parse_floats(reconstruct, "--reconstruct-sigmas") or default_sigmas(model, "bcm-ancestral", 1)
     return cm_eval.inversion_error(
         model.function,
         x,
-        invert_sigmas=invert_sigmas(model, steps, sigmas),
+        invert_sigmas=invert_sigmas(model, jumps, sigmas),
         reconstruct_sigmas=back,
         batch_size=batch_size,
         side_by_side=grid,
@@ -159,7 +155,7 @@ def reconstruct_options(f):
 @device_option
 @json_option
 @overwrite_option
-def reconstruct(checkpoint, images, out, sigmas, steps, reconstruct, limit, batch_size, class_label, network, device,
+def reconstruct(checkpoint, images, out, sigmas, jumps, reconstruct, limit, batch_size, class_label, network, device,
                 json_path, overwrite):  # fmt: skip
     """Invert images with a BCM checkpoint, reconstruct them, print MSE and PSNR.
 
@@ -172,7 +168,7 @@ def reconstruct(checkpoint, images, out, sigmas, steps, reconstruct, limit, batc
         check_out(json_path, overwrite)
     model = load_model(checkpoint, network, device)
     need_bcm(model, "cm reconstruct")
-    r = inversion_result(model, images, limit, class_label, device, steps, sigmas, reconstruct, batch_size, grid=out)
+    r = inversion_result(model, images, limit, class_label, device, jumps, sigmas, reconstruct, batch_size, grid=out)
     click.echo(report_line(r))
     click.echo(f"wrote {out}")
     echo_json(r, json_path, overwrite)
