@@ -70,6 +70,12 @@ def sigma_list(name: str, sigmas: Sequence[float] | torch.Tensor, *, decreasing:
     return values
 
 
+def bcast(v: torch.Tensor, x: torch.Tensor, *, cast: bool = True) -> torch.Tensor:
+    """Per-sample values v [B] as [B, 1, …, 1] against x [B, …], in x's dtype unless ``cast=False``."""
+    v = v.reshape([-1] + [1] * (x.ndim - 1))
+    return v.to(x.dtype) if cast else v
+
+
 def per_sample(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast σ (scalar or [B]) against x [B, ...] as [B, 1, ..., 1] in x's dtype."""
     sigma = sigma.to(device=x.device, dtype=x.dtype)

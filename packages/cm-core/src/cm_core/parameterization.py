@@ -100,10 +100,6 @@ def _per_sample_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"sigma must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(sigma.shape)}")
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape([-1] + [1] * (x.ndim - 1))
-
-
 class _Wrapper(nn.Module):
     def __init__(self, net: nn.Module, sigma_data: float, c_noise: str):
         super().__init__()
@@ -118,7 +114,7 @@ class _Wrapper(nn.Module):
             raise ValueError("x must be a tensor of shape [B, ...] with B >= 1")
 
     def _apply(self, x, sigma, scalings, **cond):
-        c_skip, c_out, c_in = (_bcast(s, x) for s in scalings)
+        c_skip, c_out, c_in = (check.bcast(s, x, cast=False) for s in scalings)
         noise_in = C_NOISE_CONVENTIONS[self.c_noise](sigma)
         x_c = x.to(c_in.dtype)
         raw = self.net((c_in * x_c).to(x.dtype), noise_in, **cond)

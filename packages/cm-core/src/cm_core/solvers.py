@@ -30,27 +30,23 @@ def _times(t, x: torch.Tensor, name: str, allow_zero: bool) -> torch.Tensor:
     return t
 
 
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.reshape([-1] + [1] * (x.ndim - 1)).to(x.dtype)
-
-
 def _d(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """The ODE direction d = (x − D(x, t))/t (EDM Algorithm 1, line 4)."""
-    return (x - denoiser(x, t, **cond)) / _bcast(t, x)
+    return (x - denoiser(x, t, **cond)) / check.bcast(t, x)
 
 
 def euler_step(denoiser: Denoiser, x: torch.Tensor, t_cur, t_next, **cond) -> torch.Tensor:
     """One Euler step x_next = x + (t_next − t_cur)·d(x, t_cur). Times: floats or per sample [B]."""
     t_cur = _times(t_cur, x, "t_cur", allow_zero=False)
     t_next = _times(t_next, x, "t_next", allow_zero=True)
-    return x + _bcast(t_next - t_cur, x) * _d(denoiser, x, t_cur, **cond)
+    return x + check.bcast(t_next - t_cur, x) * _d(denoiser, x, t_cur, **cond)
 
 
 def heun_step(denoiser: Denoiser, x: torch.Tensor, t_cur, t_next, **cond) -> torch.Tensor:
     """One Heun step (EDM Algorithm 1, lines 5-8); Euler where t_next = 0."""
     t_cur = _times(t_cur, x, "t_cur", allow_zero=False)
     t_next = _times(t_next, x, "t_next", allow_zero=True)
-    h = _bcast(t_next - t_cur, x)
+    h = check.bcast(t_next - t_cur, x)
     d_cur = _d(denoiser, x, t_cur, **cond)
     x_next = x + h * d_cur
     final = t_next == 0
@@ -60,7 +56,7 @@ def heun_step(denoiser: Denoiser, x: torch.Tensor, t_cur, t_next, **cond) -> tor
     t_eval = torch.where(final, t_cur, t_next)
     d_prime = _d(denoiser, x_next, t_eval, **cond)
     x_heun = x + h * (0.5 * d_cur + 0.5 * d_prime)
-    return torch.where(_bcast(final, x).bool(), x_next, x_heun)
+    return torch.where(check.bcast(final, x).bool(), x_next, x_heun)
 
 
 SOLVERS = {"euler": euler_step, "heun": heun_step}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._random import draw_device, randn_like
+from .._validate import bcast
 from ..losses import LPIPS, distance, pseudo_huber
 
 __all__ = [
@@ -46,10 +47,6 @@ def distance_fn(name, huber_c: float | None = None, *, divide_by_sqrt_d: bool = 
     if huber_c is not None or divide_by_sqrt_d:
         raise ValueError(f"huber_c and divide_by_sqrt_d apply to distance='pseudo-huber', not {name!r}")
     return distance(name)
-
-
-def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape([-1] + [1] * (x.ndim - 1)).to(x.dtype)
 
 
 class SharedRandomness:
