@@ -28,7 +28,17 @@ from .ema import (
 )
 from .functions import FUNCTIONS, FunctionKind, function_kind, register_function
 from .gaussian import GaussianMixture
-from .losses import LPIPS, default_huber_c, l1, l2_norm, pseudo_huber, pseudo_huber_reference, squared_l2, weighting
+from .losses import (
+    LPIPS,
+    default_huber_c,
+    edm_weight,
+    l1,
+    l2_norm,
+    pseudo_huber,
+    pseudo_huber_reference,
+    squared_l2,
+    weighting,
+)
 from .objectives import (
     OBJECTIVES,
     Objective,
@@ -108,6 +118,7 @@ __all__ = [
     "edit",
     "edm_sampling_sigmas",
     "edm_scalings",
+    "edm_weight",
     "ema_update_",
     "euler_step",
     "function_kind",

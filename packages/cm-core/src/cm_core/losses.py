@@ -31,6 +31,7 @@ __all__ = [
     "distance",
     "weighting",
     "WEIGHTINGS",
+    "edm_weight",
 ]
 
 
@@ -219,9 +220,15 @@ def _snr(sigma, sigma_next=None, sigma_data=0.5):
     return sigma**-2
 
 
+def edm_weight(sigma, sigma_data: float = 0.5):
+    """EDM's loss weight λ(σ) = (σ² + σ_d²)/(σ·σ_d)² (Karras et al. 2022, Table 1), which is
+    1/σ² + 1/σ_d² (ECT's ImageNet weighting). EDM's and CDM's objectives and the "edm"/"snr+1"
+    weightings all use this one expression."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
 def _snr_plus_one(sigma, sigma_next=None, sigma_data=0.5):
-    # ECT on ImageNet and EDM: (σ² + σ_d²)/(σ·σ_d)² = 1/σ² + 1/σ_d².
-    return sigma**-2 + sigma_data**-2
+    return edm_weight(sigma, sigma_data)
 
 
 def _truncated_snr(sigma, sigma_next=None, sigma_data=0.5):

@@ -11,16 +11,21 @@ from .data import ArrayDataset, BatchStream, build_dataset
 from .distributed import DistInfo, detect_launcher
 from .images import make_grid, write_png
 from .inference import TrainedModel, kind_of, load_trained, resolve_checkpoint
+from .callbacks import Callback
 from .loop import DivergenceError, Trainer, build_function, run
+from .state import TrainState
+from .step import train_step
 
 __version__ = "0.2.0"
 __all__ = [
     "ArrayDataset",
     "BatchStream",
+    "Callback",
     "Config",
     "ConfigError",
     "DistInfo",
     "DivergenceError",
+    "TrainState",
     "Trainer",
     "TrainedModel",
     "apply_overrides",
@@ -39,5 +44,6 @@ __all__ = [
     "resolve_checkpoint",
     "run",
     "save_checkpoint",
+    "train_step",
     "write_png",
 ]

@@ -5,17 +5,13 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from ..losses import edm_weight
 from ..schedules import rho_grid
 from ..timesteps import EDM_P_MEAN, EDM_P_STD, lognormal_sigmas
 from ._common import bcast, check_batch, draw_device, rand, randn_like, stats_of
 from .base import Objective
 
-__all__ = ["EDMDenoising", "ConsistentDiffusion", "edm_lambda"]
-
-
-def edm_lambda(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM's loss weight λ(σ) = (σ² + σ_d²)/(σ·σ_d)² (Karras et al. 2022, Table 1)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+__all__ = ["EDMDenoising", "ConsistentDiffusion"]
 
 
 def _edm_sigma(x0, generator, p_mean, p_std):
@@ -42,7 +38,7 @@ class EDMDenoising(Objective):
     def __call__(self, denoiser, x0, *, step: int = 0, generator=None, **cond):
         x0 = check_batch(x0)
         sigma = _edm_sigma(x0, generator, self.p_mean, self.p_std)
-        lam = edm_lambda(sigma, self.sigma_data)
+        lam = edm_weight(sigma, self.sigma_data)
         d = denoiser(x0 + bcast(sigma, x0) * randn_like(x0, generator), sigma, **cond)
         loss = lam.to(d.dtype) * (d - x0).square().flatten(1).mean(1)
         return loss, stats_of(sigma=sigma)
@@ -83,7 +79,7 @@ class ConsistentDiffusion(Objective):
         x0 = check_batch(x0)
         edm = self.edm
         sigma = _edm_sigma(x0, generator, edm.p_mean, edm.p_std)
-        lam_edm = edm_lambda(sigma, edm.sigma_data)
+        lam_edm = edm_weight(sigma, edm.sigma_data)
         x_sigma = x0 + bcast(sigma, x0) * randn_like(x0, generator)
         d_init = denoiser(x_sigma, sigma, **cond)
         loss_edm = lam_edm.to(d_init.dtype) * (d_init - x0).square().flatten(1).mean(1)
