@@ -155,4 +155,4 @@ __all__ = [
     "weighting",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -92,7 +92,7 @@ __all__ = [
     "write_report",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # The digits names load cm_eval.digits_classifier on first use, so that
 # `python -m cm_eval.digits_classifier` (the training script) runs a module not yet imported.

@@ -33,7 +33,7 @@ from .serialization import load, read_config, save
 from .small import MLPToy
 from .song import SongUNet
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "BACKENDS",
     "PRESETS",

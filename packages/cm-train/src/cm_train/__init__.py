@@ -16,7 +16,7 @@ from .loop import DivergenceError, Trainer, build_function, run
 from .state import TrainState
 from .step import train_step
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "ArrayDataset",
     "BatchStream",
