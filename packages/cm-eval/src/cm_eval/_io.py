@@ -1,35 +1,13 @@
-"""Image folders as arrays.
-
-The atomic writers and the PNG codec are ``cm_nets.files``' (one implementation for the workspace:
-temporary file in the same folder, fsync, ``os.replace``), re-exported here for the modules that
-import them from ``._io``.
-"""
+"""Image folders as arrays (the writers and the PNG codec are ``cm_nets.files``')."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from cm_nets.files import (
-    atomic_save_npz,
-    atomic_write_bytes,
-    atomic_write_json,
-    decode_png,
-    encode_png,
-    load_png,
-    save_png,
-)
+from cm_nets.files import load_png
 
-__all__ = [
-    "atomic_write_bytes",
-    "atomic_save_npz",
-    "atomic_write_json",
-    "encode_png",
-    "decode_png",
-    "save_png",
-    "load_png",
-    "load_image_folder",
-]
+__all__ = ["load_image_folder"]
 
 
 def load_image_folder(folder, limit: int | None = None) -> np.ndarray:

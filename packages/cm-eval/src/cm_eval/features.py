@@ -11,12 +11,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from cm_nets.files import image_grid  # noqa: F401  re-exported: sweeps.py imports it from here
 
 from .metrics import class_accuracy
 from .stats import FeatureStats, frechet_distance
 
-__all__ = ["to_uint8", "to_float", "image_grid", "extract", "compute_stats", "fd_digits", "digits_class_accuracy"]
+__all__ = ["to_uint8", "to_float", "extract", "compute_stats", "fd_digits", "digits_class_accuracy"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

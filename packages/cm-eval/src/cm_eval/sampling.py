@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from cm_core import SAMPLERS, Sampler, get_sampler
 
-from ._io import atomic_save_npz, save_png
+from cm_nets.files import atomic_save_npz, save_png
+
 from .features import to_uint8
 
 __all__ = ["parse_seeds", "PerImageNoise", "SAMPLERS", "sample_batch", "generate"]

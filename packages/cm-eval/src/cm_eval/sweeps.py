@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from cm_core import Sampler
 
-from ._io import atomic_write_bytes, atomic_write_json, save_png
-from .features import image_grid, to_uint8
+from cm_nets.files import atomic_write_bytes, atomic_write_json, image_grid, save_png
+
+from .features import to_uint8
 from .sampling import check_labels, parse_seeds, resolve_sampler, sample_batch
 
 __all__ = [

@@ -34,7 +34,7 @@ from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, 
 from .config import Config, ConfigError, config_to_dict
 from .data import BatchStream, build_dataset
 from .images import make_grid, write_png
-from .state import EMA, TrainState
+from .state import EMA, TrainState, trainable_params
 from .step import StepContext, train_step
 
 __all__ = ["run", "build_function", "function_kind_of", "Trainer", "DivergenceError", "EMA"]
@@ -259,8 +259,7 @@ class Trainer:
 
         o = cfg.optim
         opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[o.name]
-        trainable = [p for mod in (net, *extra.values()) for p in mod.parameters() if p.requires_grad]
-        optimizer = opt_cls(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = opt_cls(trainable_params(net, extra), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         scaler = torch.amp.GradScaler(
             self.device.type, init_scale=cfg.precision.init_scale, enabled=cfg.precision.mode == "fp16"
         )

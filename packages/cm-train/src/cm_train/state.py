@@ -17,7 +17,7 @@ from torch import nn
 
 from .data import BatchStream
 
-__all__ = ["EMA", "TrainState"]
+__all__ = ["EMA", "TrainState", "trainable_params"]
 
 
 class EMA:
@@ -40,6 +40,11 @@ class EMA:
         return beta
 
 
+def trainable_params(net: nn.Module, extra: dict[str, nn.Module]) -> list[nn.Parameter]:
+    """The network's parameters, then the extra modules' (a fixed order: the optimizer's)."""
+    return [p for mod in (net, *extra.values()) for p in mod.parameters() if p.requires_grad]
+
+
 @dataclasses.dataclass(eq=False)
 class TrainState:
     net: nn.Module
@@ -58,8 +63,7 @@ class TrainState:
     evals_without_improvement: int = 0
 
     def trainable(self) -> list[nn.Parameter]:
-        """The network's parameters, then the extra modules' (a fixed order: the optimizer's)."""
-        return [p for mod in (self.net, *self.extra.values()) for p in mod.parameters() if p.requires_grad]
+        return trainable_params(self.net, self.extra)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def networks(self, meta: dict | None) -> dict[str, tuple[dict[str, torch.Tensor], dict | None]]:
