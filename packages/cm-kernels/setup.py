@@ -36,7 +36,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 def extension(decision, archs, build_temp: Path) -> Extension:
     srcs = [str(p.relative_to(ROOT)) for p in cfg.sources(ROOT / "csrc", decision.with_cuda)]
     if not decision.with_cuda:
-        return CppExtension("cm_kernels._C", srcs, extra_compile_args={"cxx": cfg.CXX_FLAGS})
+        return CppExtension(
+            "cm_kernels._C", srcs, extra_compile_args={"cxx": cfg.CXX_FLAGS}, extra_link_args=cfg.LINK_FLAGS
+        )
     tk = decision.toolkit
     return CUDAExtension(
         "cm_kernels._C",
@@ -45,6 +47,7 @@ def extension(decision, archs, build_temp: Path) -> Extension:
         library_dirs=cfg.link_dirs(tk, build_temp / "cudart-link"),
         define_macros=[("CM_KERNELS_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS + cfg.gencode_flags(archs)},
+        extra_link_args=cfg.LINK_FLAGS,
     )
 
 

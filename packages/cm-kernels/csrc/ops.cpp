@@ -5,6 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 PyMODINIT_FUNC PyInit__C(void) {  // PyMODINIT_FUNC: extern "C", default visibility
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
@@ -23,5 +27,17 @@ TORCH_LIBRARY(cm_kernels, m) {
   // ADM channels-first fused layout: qkv [B, 3*H*d, N], channel order (three, heads, d) as in
   // openai's QKVAttention; out [B, H*d, N]; the gradient is returned in the qkv layout.
   m.def("normalized_attention_qkv_fwd(Tensor qkv, int num_heads, float scale, str normalize, float eps) -> (Tensor, Tensor)");
+  // The instruction set the CPU kernels use ("avx512" | "avx2" | "base", chosen at run time), and
+  // a switch to another one this CPU supports ("auto": the default), for tests and benchmarks;
+  // returns the set in effect afterwards.
+  m.def("cpu_isa() -> str", []() { return std::string(cm_kernels::isa_kernels().name); });
+  m.def("set_cpu_isa(str name) -> str", [](c10::string_view name) {
+    const std::string want(name.data(), name.size());
+    TORCH_CHECK_VALUE(want == "auto" || want == "avx512" || want == "avx2" || want == "base",
+                      "cm_kernels.set_cpu_isa: name must be 'auto', 'avx512', 'avx2' or 'base', got '", want, "'");
+    TORCH_CHECK_VALUE(cm_kernels::set_isa_kernels(want.c_str()) != nullptr,
+                      "cm_kernels.set_cpu_isa: this CPU cannot run the '", want, "' kernels");
+    return std::string(cm_kernels::isa_kernels().name);
+  });
   m.def("normalized_attention_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, str normalize, float eps) -> Tensor");
 }

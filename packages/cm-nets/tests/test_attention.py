@@ -157,3 +157,44 @@ def test_cuda_backends_match_math(backend, normalize):
     err = (A.attention(q, k, v, backend=backend, normalize=normalize).double() - truth).abs().max().item()
     base = (A.attention(q, k, v, backend="math", normalize=normalize).double() - truth).abs().max().item()
     assert err <= max(2.5 * base, 3e-2), (backend, err, base)
+
+
+def test_auto_follows_the_measured_table():
+    """auto picks the fused kernel only where bench/RESULTS.md measured it faster: per CPU
+    instruction set, dtype and normalization; float64 and the unmeasured CUDA kernel take SDPA."""
+    if "fused" not in CPU_BACKENDS:
+        pytest.skip("cm-kernels not installed")
+    import cm_kernels
+
+    if cm_kernels.cpu_isa() == "reference":
+        pytest.skip("cm_kernels' compiled extension is not loaded")
+    assert A.auto_choice("cpu", torch.float64, 64, "qkv")[0] == "sdpa"
+    assert A.auto_choice("cpu", torch.float32, 12, "qkv")[0] == "sdpa"
+    name, why = A.auto_choice("cuda", torch.bfloat16, 64, "qkv")
+    assert name != "fused" and "not yet measured" in why
+    supported = [isa for isa in ("avx512", "avx2", "base") if _isa_ok(cm_kernels, isa)]
+    try:
+        for isa in supported:
+            cm_kernels.set_cpu_isa(isa)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for normalize in ("qkv", "none"):
+                    want = A._CPU_FUSED_FASTER[isa][dtype][0 if normalize != "none" else 1]
+                    name, why = A.auto_choice("cpu", dtype, 64, normalize)
+                    assert name == ("fused" if want else "sdpa"), (isa, dtype, normalize, why)
+                    assert isa in why
+        if "base" in supported:  # the SSE2 build is slower than SDPA for float32: auto must not pick it
+            cm_kernels.set_cpu_isa("base")
+            q = torch.randn(1, 1, 8, 64)
+            assert A.resolve_backend("auto", q, "qkv") == "sdpa"
+    finally:
+        cm_kernels.set_cpu_isa("auto")
+
+
+def _isa_ok(cm_kernels, isa: str) -> bool:
+    try:
+        cm_kernels.set_cpu_isa(isa)
+    except ValueError:
+        return False
+    finally:
+        cm_kernels.set_cpu_isa("auto")
+    return True

@@ -4,11 +4,16 @@
 //   O     = softmax(scale * q_hat k_hat^T) v_hat
 //
 // Layout: every [B, H, N, d] input and output is read or written through its strides, so the
-// ADM channels-first qkv tensor [B, 3*H*d, N] is consumed without a transposing copy. The
-// normalization is fused into the one pass that gathers each head into a contiguous float
-// panel; the two products per block are BLAS batched GEMMs (at::bmm); softmax and its
-// gradient are fused elementwise passes. Scores are materialized only for a block of heads
-// and query rows, bounded by kScoreBudget elements, so N = 4096 runs in bounded memory.
+// ADM channels-first qkv tensor [B, 3*H*d, N] is consumed without a transposing copy.
+//
+// float32, bfloat16, float16 (head dims that are multiples of 16): tasks over (batch x head,
+// query range) forward and (batch x head, key range) backward run in parallel; each gathers
+// its head into float panels with the normalization fused into that one pass, runs the blocked
+// flash-style kernels of isa_core.h (vectorized for AVX-512, AVX2 or the baseline, chosen at run
+// time; nothing N x N is stored), and writes its outputs (with the normalization's backward)
+// straight into the result tensors. float64 (the precision the tests check against) and other
+// head dims take the plain path: at::bmm on score blocks bounded by kScoreBudget elements, then
+// elementwise softmax passes.
 //
 // Skipping the softmax running max (the logit bound). Claim: for normalized q and k,
 // |scale * q_hat . k_hat| <= d * scale.  Proof: ||x_hat|| = ||x|| / (eps + ||x||/sqrt(d))
@@ -26,9 +31,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "../common.h"
+#include "isa.h"
 #include "simd.h"
 
 namespace cm_kernels {
@@ -228,11 +237,244 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
   normalize_backward<T, A>(v, dVn.const_data_ptr<A>(), dv, mode == kQKV, eps, A(1));
 }
 
+// ---- float32 / bfloat16 / float16: the blocked kernels of isa_core.h on per-head float panels ----
+
+// A [B, H, N, d] tensor seen as rows (b, h, n) of d elements through its strides.
+template <typename T>
+struct HeadRows {
+  T* base;
+  int64_t H, s0, s1, s2, s3;
+  explicit HeadRows(const at::Tensor& x)
+      : base(const_cast<T*>(x.const_data_ptr<T>())),
+        H(x.size(1)),
+        s0(x.stride(0)),
+        s1(x.stride(1)),
+        s2(x.stride(2)),
+        s3(x.stride(3)) {}
+  T* row(int64_t bh, int64_t n) const { return base + (bh / H) * s0 + (bh % H) * s1 + n * s2; }
+};
+
+// dst[(n - n0) * d + c] = float(x[bh, n, c]) for n in [n0, n1).
+template <typename T>
+void gather(const HeadRows<T>& x, int64_t bh, int64_t n0, int64_t n1, int64_t d, float* dst, const IsaKernels& isa) {
+  if (x.s3 == 1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* src = x.row(bh, n);
+      float* out = dst + (n - n0) * d;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(out, src, d * sizeof(float));
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+        isa.bf16_to_f32(reinterpret_cast<const uint16_t*>(src), out, d);
+      } else {
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<float>(src[c]);
+      }
+    }
+  } else {  // channels-first (the ADM qkv layout): read along n, write across the panel
+    for (int64_t c = 0; c < d; ++c) {
+      const T* src = x.row(bh, n0) + c * x.s3;
+      for (int64_t n = n0; n < n1; ++n) dst[(n - n0) * d + c] = static_cast<float>(src[(n - n0) * x.s2]);
+    }
+  }
+}
+
+// x[bh, n, c] = T(src[(n - n0) * d + c]) for n in [n0, n1).
+template <typename T>
+void scatter(const HeadRows<T>& x, int64_t bh, int64_t n0, int64_t n1, int64_t d, const float* src,
+             const IsaKernels& isa) {
+  if (x.s3 == 1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* out = x.row(bh, n);
+      const float* in = src + (n - n0) * d;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(out, in, d * sizeof(float));
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+        isa.f32_to_bf16(in, reinterpret_cast<uint16_t*>(out), d);
+      } else {
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<T>(in[c]);
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < d; ++c) {
+      T* out = x.row(bh, n0) + c * x.s3;
+      for (int64_t n = n0; n < n1; ++n) out[(n - n0) * x.s2] = static_cast<T>(src[(n - n0) * d + c]);
+    }
+  }
+}
+
+// dst[c * ld + n] = src[n * d + c] for n < rows; columns [rows, ld) zero.
+inline void transpose_pad(const float* src, int64_t rows, int64_t d, float* dst, int64_t ld) {
+  for (int64_t c = 0; c < d; ++c) {
+    float* out = dst + c * ld;
+    for (int64_t n = 0; n < rows; ++n) out[n] = src[n * d + c];
+    for (int64_t n = rows; n < ld; ++n) out[n] = 0.f;
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// How many pieces to cut each head's rows into so that every thread has work: none while
+// there are >= 4 heads per thread; otherwise enough for ~4 tasks per thread, each >= min_rows.
+inline int64_t splits_for(int64_t BH, int64_t N, int64_t min_rows) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || BH >= 4 * threads) return 1;
+  const int64_t want = (4 * threads + BH - 1) / BH;
+  return std::max<int64_t>(1, std::min(want, N / min_rows));
+}
+
+template <typename T>
+void fast_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                  double scale, int mode, double eps_d) {
+  const IsaKernels& isa = isa_kernels();
+  const int64_t BH = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), d = q.size(3);
+  const int64_t ldk = round_up(Nk, isa.tile_cols);
+  const float eps = static_cast<float>(eps_d);
+  const bool bounded = use_logit_bound(mode, d, scale);
+  const HeadRows<T> qr(q), kr(k), vr(v), orows(out);
+  float* lse_p = lse.data_ptr<float>();  // [B, H, Nq] contiguous
+  const int64_t split = splits_for(BH, Nq, isa.group_rows);
+  const int64_t rows_per = round_up((Nq + split - 1) / split, isa.group_rows);
+  at::parallel_for(0, BH * split, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> buf(Nq * d * 2 + Nk * d * 2 + d * ldk + isa.group_rows * ldk);
+    float* Q = buf.data();
+    float* O = Q + Nq * d;
+    float* Kp = O + Nq * d;
+    float* V = Kp + Nk * d;
+    float* KT = V + Nk * d;
+    float* strip = KT + d * ldk;
+    int64_t loaded_bh = -1;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bh = task / split;
+      const int64_t r0 = std::min(Nq, (task % split) * rows_per), r1 = std::min(Nq, r0 + rows_per);
+      if (r0 >= r1) continue;
+      if (bh != loaded_bh) {  // K and V of this head, normalized, K also transposed
+        gather(kr, bh, 0, Nk, d, Kp, isa);
+        isa.normalize_rows(Kp, Nk, d, eps, 1.0f, mode != kNone);
+        transpose_pad(Kp, Nk, d, KT, ldk);
+        gather(vr, bh, 0, Nk, d, V, isa);
+        isa.normalize_rows(V, Nk, d, eps, 1.0f, mode == kQKV);
+        loaded_bh = bh;
+      }
+      gather(qr, bh, r0, r1, d, Q + r0 * d, isa);
+      isa.normalize_rows(Q + r0 * d, r1 - r0, d, eps, static_cast<float>(scale), mode != kNone);
+      const FwdPanels f{Q, KT, V, Nq, Nk, d, ldk, bounded, static_cast<float>(d * scale), O, lse_p + bh * Nq};
+      isa.attn_fwd_rows(f, r0, r1, strip);
+      scatter(orows, bh, r0, r1, d, O + r0 * d, isa);
+    }
+  });
+}
+
+template <typename T>
+void fast_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse_in, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   double scale, int mode, double eps_d) {
+  const IsaKernels& isa = isa_kernels();
+  const int64_t BH = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), d = q.size(3);
+  const int64_t ldq = round_up(Nq, isa.tile_cols);
+  const float eps = static_cast<float>(eps_d);
+  const float fscale = static_cast<float>(scale);
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const float* lse_p = lse.const_data_ptr<float>();
+  const HeadRows<T> qr(q), kr(k), vr(v), gr(grad_out), orows(out), dqr(dq), dkr(dk), dvr(dv);
+  const int64_t split = splits_for(BH, Nk, 24);
+  const int64_t keys_per = round_up((Nk + split - 1) / split, 8);
+  // With several key ranges per head, each range's dQ goes to its own slot, summed afterwards.
+  std::vector<float> dq_parts(split > 1 ? split * BH * Nq * d : 0);
+  at::parallel_for(0, BH * split, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> buf(Nq * d * 5 + 2 * d * ldq + 2 * ldq + Nk * d * 6 +
+                           2 * isa.key_chunk * isa.tile_cols);
+    float* Qraw = buf.data();
+    float* Q = Qraw + Nq * d;
+    float* dO = Q + Nq * d;
+    float* Ob = dO + Nq * d;  // O rows, then reused for dq
+    float* dQ = Ob + Nq * d;
+    float* QT = dQ + Nq * d;
+    float* dOT = QT + d * ldq;
+    float* lse_b = dOT + d * ldq;
+    float* delta = lse_b + ldq;
+    float* Kraw = delta + ldq;
+    float* Kp = Kraw + Nk * d;
+    float* Vraw = Kp + Nk * d;
+    float* Vp = Vraw + Nk * d;
+    float* dK = Vp + Nk * d;
+    float* dV = dK + Nk * d;
+    float* pt = dV + Nk * d;
+    float* dst = pt + isa.key_chunk * isa.tile_cols;
+    int64_t loaded_bh = -1;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bh = task / split, part = task % split;
+      const int64_t k0 = std::min(Nk, part * keys_per), k1 = std::min(Nk, k0 + keys_per);
+      if (k0 >= k1 && split > 1) {  // an empty range still owns a dQ slot: zero it
+        std::fill_n(dq_parts.data() + (part * BH + bh) * Nq * d, Nq * d, 0.f);
+        continue;
+      }
+      if (bh != loaded_bh) {  // the query side of this head: q, dO, lse, delta = rowsum(dO o O)
+        gather(qr, bh, 0, Nq, d, Qraw, isa);
+        std::memcpy(Q, Qraw, Nq * d * sizeof(float));
+        isa.normalize_rows(Q, Nq, d, eps, fscale, mode != kNone);
+        transpose_pad(Q, Nq, d, QT, ldq);
+        gather(gr, bh, 0, Nq, d, dO, isa);
+        transpose_pad(dO, Nq, d, dOT, ldq);
+        gather(orows, bh, 0, Nq, d, Ob, isa);
+        for (int64_t i = 0; i < Nq; ++i) {
+          float s = 0.f;
+          for (int64_t c = 0; c < d; ++c) s += dO[i * d + c] * Ob[i * d + c];
+          delta[i] = s;
+          lse_b[i] = lse_p[bh * Nq + i];
+        }
+        for (int64_t i = Nq; i < ldq; ++i) {
+          delta[i] = 0.f;
+          lse_b[i] = 1e30f;  // padded queries: P = exp(S - 1e30) ~ 0, and dO = 0 there anyway
+        }
+        loaded_bh = bh;
+      }
+      gather(kr, bh, k0, k1, d, Kraw + k0 * d, isa);
+      std::memcpy(Kp + k0 * d, Kraw + k0 * d, (k1 - k0) * d * sizeof(float));
+      isa.normalize_rows(Kp + k0 * d, k1 - k0, d, eps, 1.0f, mode != kNone);
+      gather(vr, bh, k0, k1, d, Vraw + k0 * d, isa);
+      std::memcpy(Vp + k0 * d, Vraw + k0 * d, (k1 - k0) * d * sizeof(float));
+      isa.normalize_rows(Vp + k0 * d, k1 - k0, d, eps, 1.0f, mode == kQKV);
+      float* dQ_out = split > 1 ? dq_parts.data() + (part * BH + bh) * Nq * d : dQ;
+      const BwdPanels b{Q, QT, Kp, Vp, dO, dOT, lse_b, delta, Nq, Nk, d, ldq, dQ_out, dK, dV};
+      isa.attn_bwd_keys(b, k0, k1, pt, dst);
+      // d(x_hat) -> dx for this head's keys (and its queries when one task holds all keys)
+      isa.normalize_bwd_rows(Kraw + k0 * d, dK + k0 * d, Kp + k0 * d, k1 - k0, d, eps, 1.0f, mode != kNone);
+      scatter(dkr, bh, k0, k1, d, Kp + k0 * d, isa);
+      isa.normalize_bwd_rows(Vraw + k0 * d, dV + k0 * d, Vp + k0 * d, k1 - k0, d, eps, 1.0f, mode == kQKV);
+      scatter(dvr, bh, k0, k1, d, Vp + k0 * d, isa);
+      if (split == 1) {
+        isa.normalize_bwd_rows(Qraw, dQ, Ob, Nq, d, eps, fscale, mode != kNone);
+        scatter(dqr, bh, 0, Nq, d, Ob, isa);
+        loaded_bh = -1;  // Ob was overwritten
+      }
+    }
+  });
+  if (split > 1) {
+    at::parallel_for(0, BH, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> buf(3 * Nq * d);
+      float *Qraw = buf.data(), *sum = Qraw + Nq * d, *dx = sum + Nq * d;
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        std::memcpy(sum, dq_parts.data() + bh * Nq * d, Nq * d * sizeof(float));
+        for (int64_t part = 1; part < split; ++part) {
+          const float* p = dq_parts.data() + (part * BH + bh) * Nq * d;
+          for (int64_t i = 0; i < Nq * d; ++i) sum[i] += p[i];
+        }
+        gather(qr, bh, 0, Nq, d, Qraw, isa);
+        isa.normalize_bwd_rows(Qraw, sum, dx, Nq, d, eps, fscale, mode != kNone);
+        scatter(dqr, bh, 0, Nq, d, dx, isa);
+      }
+    });
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out,
                                             at::Tensor out_view, double scale, int mode, double eps) {
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(accumulate_type(q.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "normalized_attention_fwd_cpu",
-                                  [&] { attention_forward<scalar_t>(q, k, v, out_view, lse, scale, mode, eps); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "normalized_attention_fwd_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (q.size(3) % 16 == 0) return fast_forward<scalar_t>(q, k, v, out_view, lse, scale, mode, eps);
+    }
+    attention_forward<scalar_t>(q, k, v, out_view, lse, scale, mode, eps);
+  });
   return {out, lse};
 }
 
@@ -252,8 +494,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   const int mode = parse_normalize(normalize);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
   const at::Tensor g = grad_out.to(q.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "normalized_attention_bwd_cpu",
-                                  [&] { attention_backward<scalar_t>(g, q, k, v, out, lse, dq, dk, dv, scale, mode, eps); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "normalized_attention_bwd_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (q.size(3) % 16 == 0) return fast_backward<scalar_t>(g, q, k, v, out, lse, dq, dk, dv, scale, mode, eps);
+    }
+    attention_backward<scalar_t>(g, q, k, v, out, lse, dq, dk, dv, scale, mode, eps);
+  });
   return {dq, dk, dv};
 }
 
@@ -277,6 +523,11 @@ at::Tensor attention_qkv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q
   const at::Tensor g = heads_view(grad_out.to(qkv.scalar_type()), num_heads);
   const at::Tensor o = heads_view(out, num_heads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "normalized_attention_qkv_bwd_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (parts[0].size(3) % 16 == 0)
+        return fast_backward<scalar_t>(g, parts[0], parts[1], parts[2], o, lse, dparts[0], dparts[1], dparts[2], scale,
+                                       mode, eps);
+    }
     attention_backward<scalar_t>(g, parts[0], parts[1], parts[2], o, lse, dparts[0], dparts[1], dparts[2], scale, mode, eps);
   });
   return dqkv;

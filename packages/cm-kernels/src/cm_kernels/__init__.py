@@ -1,7 +1,8 @@
 """cm_kernels: fused pseudo-Huber loss and normalized ("cosine") attention for consistency models.
 
 Public API: ``pseudo_huber_loss``, ``normalized_attention``, ``normalized_attention_qkv``,
-``backends`` and the pure-PyTorch ``reference`` module (the specification of both ops).
+``backends``, the CPU settings ``cpu_isa``/``set_cpu_isa``/``tune_cpu_allocator`` (``cm_kernels.cpu``)
+and the pure-PyTorch ``reference`` module (the specification of both ops).
 The compiled ops live in the ``torch.ops.cm_kernels`` namespace; only these wrappers are public.
 
 Dtypes: float32, float64 (CPU only), float16 and bfloat16. Half-precision inputs accumulate in
@@ -17,16 +18,20 @@ import torch
 from . import reference
 from ._loader import ExtState, KernelFallbackWarning, load_extension
 from ._validate import SUPPORTED_HEAD_DIMS, check_attention, check_attention_qkv, check_pseudo_huber
+from .cpu import cpu_isa, set_cpu_isa, tune_cpu_allocator
 
 __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "KernelFallbackWarning",
     "backends",
+    "cpu_isa",
     "normalized_attention",
     "normalized_attention_qkv",
     "pseudo_huber_loss",
     "reference",
+    "set_cpu_isa",
+    "tune_cpu_allocator",
 ]
 
 _STATE: ExtState = load_extension()
@@ -107,7 +112,8 @@ def normalized_attention_qkv(
 
 
 def backends() -> dict[str, dict[str, str]]:
-    """{op: {"backend": "cuda-ext" | "cpu-ext" | "reference", "reason": why}} for each public op.
+    """{op: {"backend": "cuda-ext" | "cpu-ext" | "reference", "reason": why, "cpu_isa": the CPU
+    kernels' instruction set when built}} for each public op.
     "cuda-ext" means CUDA tensors run the CUDA kernels (CPU tensors always use the CPU kernels
     when the extension is loaded)."""
     if not _STATE.loaded:
@@ -118,4 +124,6 @@ def backends() -> dict[str, dict[str, str]]:
         entry = {"backend": "cpu-ext", "reason": f"{_STATE.reason}, but no GPU is visible"}
     else:
         entry = {"backend": "cpu-ext", "reason": f"{_STATE.reason} ({_STATE.source} build loaded)"}
+    if _STATE.loaded:
+        entry["cpu_isa"] = cpu_isa()
     return {op: dict(entry) for op in _OPS}

@@ -34,8 +34,12 @@ from pathlib import Path
 
 import torch
 
-# -O3 for kernels; no -march=native: the binary must not depend on the build machine.
-CXX_FLAGS = ["-O3", "-fvisibility=hidden"]
+# -O3 for kernels; no -march=native: the binary must not depend on the build machine (the CPU
+# kernels pick AVX-512, AVX2 or the baseline at run time, csrc/cpu/isa.cpp). -fopenmp: at::parallel_for
+# is a header template that runs serially unless the extension itself is compiled with OpenMP;
+# the link resolves libgomp.so.1 to the copy torch already loaded (one thread pool, not two).
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 DEFAULT_CUDA_ARCHS = "80;90"
 MODES = ("auto", "0", "1")
@@ -333,7 +337,7 @@ def source_hash(csrc: Path, with_cuda: bool, archs: list[str]) -> str:
         if p.is_file() and p.suffix in (".cpp", ".cu", ".h", ".cuh"):
             h.update(str(p.relative_to(csrc)).encode())
             h.update(p.read_bytes())
-    h.update(repr((CXX_FLAGS, NVCC_FLAGS, with_cuda, archs, torch.__version__)).encode())
+    h.update(repr((CXX_FLAGS, LINK_FLAGS, NVCC_FLAGS, with_cuda, archs, torch.__version__)).encode())
     return h.hexdigest()[:16]
 
 

@@ -68,7 +68,7 @@ def _load_jit() -> ExtState:
         extra_cflags=cfg.CXX_FLAGS + (["-DCM_KERNELS_WITH_CUDA=1"] if with_cuda else []),
         extra_cuda_cflags=cfg.NVCC_FLAGS + cfg.gencode_flags(archs),
         extra_include_paths=include_dirs,
-        extra_ldflags=link_flags,
+        extra_ldflags=cfg.LINK_FLAGS + link_flags,
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,

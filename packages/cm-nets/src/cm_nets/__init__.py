@@ -16,7 +16,15 @@ from __future__ import annotations
 from torch import nn
 
 from .adm import ADMUNet
-from .backends import BACKENDS, attention, attention_qkv, available_backends, check_backend, resolve_backend
+from .backends import (
+    BACKENDS,
+    attention,
+    attention_qkv,
+    auto_choice,
+    available_backends,
+    check_backend,
+    resolve_backend,
+)
 from .convert import (
     EDMSnapshot,
     UnsafePickleError,
@@ -45,6 +53,7 @@ __all__ = [
     "UnsafePickleError",
     "attention",
     "attention_qkv",
+    "auto_choice",
     "available_backends",
     "count_parameters",
     "create",

@@ -10,8 +10,11 @@ argument, ``attention_backend``, picks the implementation everywhere:
               in one kernel, normalization ("cosine" q/k/v) fused in
 ``flash``     ``flash_attn.flash_attn_func`` (``pip install flash-attn``); CUDA, fp16/bf16
 ``xformers``  ``xformers.ops.memory_efficient_attention`` (``pip install xformers``); CUDA
-``auto``      the fastest of the above that is installed and supports the call's device,
-              dtype and head dim; the choice and the reason are logged once per situation.
+``auto``      the measured-fastest of the above that is installed and supports the call's
+              device, dtype and head dim (:func:`auto_choice`: a rule per device, CPU
+              instruction set, dtype and normalization, each entry backed by
+              ``tools/bench/kernels.py`` figures in bench/RESULTS.md); the choice and the reason
+              are logged once per situation and listed by ``cm info``.
 
 Normalization ``normalize="qkv"`` divides each of q, k, v by ``eps + ‖·‖/√d`` per head
 vector (EDM2 eq. 66's ``normalize``; iCT/BCM "cosine attention"), ``"qk"`` only q and k;
@@ -69,23 +72,98 @@ def check_backend(name: str) -> str:
 
 def _unsupported(backend: str, q: torch.Tensor) -> str | None:
     """Why ``backend`` cannot run this call, or None if it can."""
-    d = q.shape[-1]
+    return _unsupported_for(backend, q.device.type, q.dtype, q.shape[-1])
+
+
+def _unsupported_for(backend: str, device_type: str, dtype: torch.dtype, d: int) -> str | None:
     if backend == "fused":
         import cm_kernels
 
         if d not in cm_kernels.SUPPORTED_HEAD_DIMS:
             return f"head dim {d} not in cm_kernels.SUPPORTED_HEAD_DIMS {cm_kernels.SUPPORTED_HEAD_DIMS}"
-        if q.device.type == "cpu" and q.dtype == torch.float16:
-            return "float16 on CPU"
         return None
     if backend in ("flash", "xformers"):
-        if q.device.type != "cuda":
-            return f"{backend} runs on CUDA only (tensor on {q.device.type})"
-        if backend == "flash" and q.dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn needs float16/bfloat16, got {q.dtype}"
+        if device_type != "cuda":
+            return f"{backend} runs on CUDA only (tensor on {device_type})"
+        if backend == "flash" and dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs float16/bfloat16, got {dtype}"
         if backend == "flash" and (d > _FLASH_HEAD_DIMS or d % 8):
             return f"flash-attn head dim must be a multiple of 8 up to {_FLASH_HEAD_DIMS}, got {d}"
     return None
+
+
+# Where the fused kernel is measured faster than normalize + SDPA on the CPU, per instruction set
+# of the cm_kernels CPU build in use (cm_kernels.cpu_isa()) and dtype, for (normalized, plain)
+# attention. Figures: bench/RESULTS.md, "cm-kernels" (fwd+bwd, B*H*N = 8192, N 64..1024, d 32..128;
+# the AVX2 and baseline builds were run on the AVX-512 machine with CM_KERNELS_ISA, i.e. against an
+# SDPA that used AVX-512, so their entries are conservative). float64 always takes SDPA (the fused
+# kernel's float64 path is the plain one that exists for exactness, not speed).
+_CPU_FUSED_FASTER = {
+    # isa: {dtype: (normalized, plain)}
+    "avx512": {torch.float32: (True, True), torch.bfloat16: (True, True), torch.float16: (True, True)},
+    "avx2": {torch.float32: (True, False), torch.bfloat16: (True, False), torch.float16: (True, True)},
+    "base": {torch.float32: (False, False), torch.bfloat16: (False, False), torch.float16: (True, True)},
+}
+_CPU_FIGURES = {
+    ("avx512", True): "1.7-5x fwd+bwd",
+    ("avx512", False): "1.8x fwd+bwd on plain attention",
+    ("avx2", True): "1.2-1.35x fwd+bwd (AVX2 build vs SDPA using AVX-512)",
+    ("avx2", False): "0.9x on plain attention (AVX2 build vs SDPA using AVX-512)",
+    ("base", True): "0.45x fwd+bwd (SSE2 build)",
+    ("base", False): "0.4x on plain attention (SSE2 build)",
+}
+
+
+def _cpu_isa() -> str:
+    try:
+        import cm_kernels
+
+        return cm_kernels.cpu_isa()
+    except Exception:  # noqa: BLE001  a broken build: the reference, never faster
+        return "reference"
+
+
+def _fused_cpu_verdict(dtype: torch.dtype, head_dim: int, normalize: str) -> str | None:
+    """None when the fused kernel is the measured-faster CPU choice for this call, else why not."""
+    import cm_kernels
+
+    isa = _cpu_isa()
+    if isa == "reference":
+        return "cm_kernels' compiled extension is not loaded (pure-PyTorch reference only)"
+    if dtype == torch.float64:
+        return "float64: the fused kernel's float64 path is the exact, unblocked one"
+    if head_dim not in cm_kernels.SUPPORTED_HEAD_DIMS or head_dim % 16:
+        return f"head dim {head_dim}: no blocked CPU kernel (multiples of 16 in {cm_kernels.SUPPORTED_HEAD_DIMS})"
+    faster = _CPU_FUSED_FASTER.get(isa, {}).get(dtype)
+    if faster is None:
+        return f"{dtype} not measured on CPU"
+    normalized = normalize != "none"
+    if not faster[0 if normalized else 1]:
+        return f"not faster with the {isa} CPU kernels here ({_CPU_FIGURES[(isa, normalized)]})"
+    return None
+
+
+def auto_choice(device_type: str, dtype: torch.dtype, head_dim: int, normalize: str = "none") -> tuple[str, str]:
+    """(backend, reason) that ``auto`` picks for a call on ``device_type`` ("cpu" | "cuda") with
+    this dtype, head dim and normalization. The fused kernel is chosen only where it is measured
+    faster than the alternative (see _CPU_FUSED_FASTER); on CUDA flash-attn, xformers, then SDPA
+    (PyTorch's flash/memory-efficient kernels): the fused CUDA kernel has not been measured
+    against them on a GPU yet, so auto does not pick it (``attention_backend="fused"`` still can)."""
+    if device_type == "cuda":
+        skipped = ["fused: not yet measured faster than flash/SDPA on a GPU (tools/gpu_check.sh)"]
+        for name in ("flash", "xformers"):
+            why = "not installed" if not _installed(name) else _unsupported_for(name, "cuda", dtype, head_dim)
+            if why is None:
+                return name, "; ".join(skipped) or "first choice"
+            skipped.append(f"{name}: {why}")
+        return "sdpa", "; ".join(skipped)
+    if device_type == "cpu":
+        why = "not installed" if not _installed("fused") else _fused_cpu_verdict(dtype, head_dim, normalize)
+        if why is None:
+            figures = _CPU_FIGURES.get((_cpu_isa(), normalize != "none"), "")
+            return "fused", f"measured faster than SDPA with the {_cpu_isa()} CPU kernels ({figures})"
+        return "sdpa", f"fused: {why}"
+    return "sdpa", f"{device_type}: SDPA is the portable choice"
 
 
 def resolve_backend(backend: str, q: torch.Tensor, normalize: str = "none") -> str:
@@ -96,36 +174,19 @@ def resolve_backend(backend: str, q: torch.Tensor, normalize: str = "none") -> s
             raise ValueError(f"attention_backend={backend!r} cannot run this call: {why}")
         return backend
     key = (q.device.type, q.dtype, q.shape[-1], normalize)
-    # Preference: the fused kernel when it normalizes for free (one pass instead of three
-    # extra elementwise kernels) or when nothing faster is on CUDA; flash, then xformers on
-    # CUDA; SDPA everywhere else (it dispatches to PyTorch's own flash/mem-efficient kernels).
-    if q.device.type == "cuda":
-        order = (
-            ["flash", "xformers", "fused", "sdpa"] if normalize == "none" else ["fused", "flash", "xformers", "sdpa"]
+    name, reason = auto_choice(q.device.type, q.dtype, q.shape[-1], normalize)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(
+            "cm_nets attention auto -> %s for %s %s head dim %d normalize=%s (%s)",
+            name,
+            q.device.type,
+            q.dtype,
+            q.shape[-1],
+            normalize,
+            reason,
         )
-    else:
-        # On CPU the fused kernel beats normalize+SDPA ~3x fwd+bwd (bench/RESULTS.md, cm-kernels);
-        # for plain attention SDPA's own CPU flash kernel is the better default.
-        order = ["fused", "sdpa"] if normalize != "none" else ["sdpa", "fused"]
-    skipped = []
-    for name in order:
-        why = "not installed" if not _installed(name) else _unsupported(name, q)
-        if why is None:
-            if key not in _logged:
-                _logged.add(key)
-                reason = "; ".join(f"{n}: {w}" for n, w in skipped) or "first choice"
-                logger.info(
-                    "cm_nets attention auto -> %s for %s %s head dim %d normalize=%s (%s)",
-                    name,
-                    q.device.type,
-                    q.dtype,
-                    q.shape[-1],
-                    normalize,
-                    reason,
-                )
-            return name
-        skipped.append((name, why))
-    raise AssertionError("sdpa is always usable")  # pragma: no cover
+    return name
 
 
 def _math(q, k, v, scale):

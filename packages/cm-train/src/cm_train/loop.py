@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import cm_core
+import cm_kernels
 import cm_nets
 import torch
 
@@ -199,6 +200,10 @@ class Trainer:
         self.info = distributed.init(cfg.run.device)
         self.device = self.info.device
         self.run_dir = Path(cfg.run.dir)
+        if self.device.type == "cpu":  # reuse freed activation/gradient blocks instead of page-faulting fresh ones
+            tuned = cm_kernels.tune_cpu_allocator()
+            if tuned["applied"]:
+                self.say(f"cpu allocator: {tuned['reason']}")
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.dataset = build_dataset(cfg.data, cfg.run.seed)
         world = self.info.world

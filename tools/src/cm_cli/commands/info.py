@@ -59,6 +59,9 @@ def info() -> None:
         out(f"            {build.CUDA_REASON}")
         report = cm_kernels.backends()
         out("  ops       " + ", ".join(f"{op} {entry['backend']}" for op, entry in report.items()))
+        if "cpu_isa" in next(iter(report.values())):
+            out(f"            CPU kernels: {cm_kernels.cpu_isa()} instruction set (chosen at run time; "
+                "CM_KERNELS_ISA=avx512|avx2|base overrides)")  # fmt: skip
         for why in sorted({entry["reason"] for entry in report.values()}):  # what adds to the build line
             extra = why.removeprefix(build.CUDA_REASON).lstrip(",; ")
             if extra:
@@ -71,7 +74,14 @@ def info() -> None:
     for name in cm_nets.BACKENDS[1:]:
         state = "available" if name in available else f"missing: {ATTENTION_WHY_NOT.get(name, 'not installed')}"
         out(f"  {name:<9} {state}")
-    out("  auto      picks the fastest available backend per call (device, dtype, head dim); logged once")
+    out("  auto      the measured-faster backend per device, dtype, head dim and normalization:")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for normalize in ("qkv", "none"):
+                name, why = cm_nets.auto_choice(device, dtype, 64, normalize)
+                label = f"{device} {str(dtype).removeprefix('torch.')} d=64 normalize={normalize}"
+                out(f"    {label:<40} -> {name:<8} {why}")
 
 
 COMMANDS = [info]
