@@ -455,7 +455,7 @@ def test_stats_ref(tmp_path):
 
 def test_bench(monkeypatch, tmp_path, capfd):
     ok(cm("bench", "kernels", "--help"))  # the script's own argparse help, passed through (a subprocess)
-    assert "--no-compile" in capfd.readouterr().out
+    assert "--malloc" in capfd.readouterr().out
     assert cm("bench", "kernels", "--no-such-flag").exit_code == 2  # the script's exit status comes back
     fails(cm("bench", "no-such-bench"), 2, "no-such-bench")
     ok(cm("bench", "gpu", "--help"))  # tools/bench/gpu.py, the measuring part of tools/gpu_check.sh

@@ -194,16 +194,40 @@ F32_GRAD = dict(rtol=1e-5, atol=1e-9)
 BF16_LOSS = dict(rtol=1e-5, atol=1e-6)
 BF16_GRAD = dict(rtol=2.0**-8 + 1e-5, atol=1e-12)
 
+# fp16: the same with an 11-bit significand: one rounding to nearest, <= 2^-11 relative, and at
+# most half the subnormal spacing (2^-25) absolute where the gradient falls below 2^-14.
+F16_GRAD = dict(rtol=2.0**-11 + 1e-5, atol=2.0**-25 * (1 + 1e-6))
+TOLS = {
+    torch.float32: (F32_LOSS, F32_GRAD),
+    torch.bfloat16: (BF16_LOSS, BF16_GRAD),
+    torch.float16: (BF16_LOSS, F16_GRAD),
+}
+
 PH_SHAPES = [(1, 7), (5, 3, 4, 4), (3, 3, 17, 9), (2, 20000), (3, 16385)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", PH_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_pseudo_huber_matches_float64_reference(isa, dtype, shape):
     pred, target = _ph_draw(shape, dtype, seed=len(shape) + shape[-1])
     c = 0.00054 * math.sqrt(math.prod(shape[1:]))
-    loss_tol, grad_tol = (F32_LOSS, F32_GRAD) if dtype == torch.float32 else (BF16_LOSS, BF16_GRAD)
+    loss_tol, grad_tol = TOLS[dtype]
     _ph_check(pred, target, c, loss_tol, grad_tol, seed=shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_conversions_exact_for_every_finite_value(isa, dtype):
+    # Every finite 16-bit pattern (denormals and -0 included) through the kernels' half <-> float
+    # conversions: with target 0, loss 0 passed in and c = 1 the backward's coefficient is exactly
+    # 1, so the gradient must reproduce the input bit for bit.
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)].view(1, -1)
+    g = torch.ops.cm_kernels.pseudo_huber_bwd(torch.ones(1), x, torch.zeros_like(x), torch.zeros(1), 1.0)
+    assert torch.equal(g.view(torch.int16), x.view(torch.int16))
+    x = x[x.abs() < 2.0**60].view(1, -1)  # squares that a float32 sum holds (bf16 reaches 3e38)
+    loss = torch.ops.cm_kernels.pseudo_huber_fwd(x, torch.zeros_like(x), 1.0)
+    s = x.double().square().sum()
+    torch.testing.assert_close(loss.double(), (s / (torch.sqrt(s + 1) + 1)).view(1), rtol=1e-6, atol=0)
 
 
 def test_pseudo_huber_streaming_aligned_float32(isa):
@@ -213,7 +237,7 @@ def test_pseudo_huber_streaming_aligned_float32(isa):
     _ph_check(pred, target, 0.00054 * math.sqrt(3 * 512 * 512), F32_LOSS, F32_GRAD, seed=21)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_pseudo_huber_streaming_unaligned_sliced(isa, dtype):
     # Per-sample size D = 3 * 701 * 1001 (odd): samples 1 and 2 (and their chunks) start off the
     # store alignment, so the streaming path runs its scalar head, its vector body and its scalar
@@ -225,7 +249,7 @@ def test_pseudo_huber_streaming_unaligned_sliced(isa, dtype):
     target = torch.randn(3, 3, 701, 1001, generator=g).to(dtype)
     assert not pred.is_contiguous()
     c = 0.00054 * math.sqrt(3 * 701 * 1001)
-    loss_tol, grad_tol = (F32_LOSS, F32_GRAD) if dtype == torch.float32 else (BF16_LOSS, BF16_GRAD)
+    loss_tol, grad_tol = TOLS[dtype]
     _ph_check(pred, target, c, loss_tol, grad_tol, seed=22)
 
 

@@ -301,12 +301,18 @@ void scatter(const HeadRows<T>& x, int64_t bh, int64_t n0, int64_t n1, int64_t d
   }
 }
 
-// dst[c * ld + n] = src[n * d + c] for n < rows; columns [rows, ld) zero.
-inline void transpose_pad(const float* src, int64_t rows, int64_t d, float* dst, int64_t ld) {
-  for (int64_t c = 0; c < d; ++c) {
-    float* out = dst + c * ld;
-    for (int64_t n = 0; n < rows; ++n) out[n] = src[n * d + c];
-    for (int64_t n = rows; n < ld; ++n) out[n] = 0.f;
+// src [rows][d] transposed into tiles of tc rows: dst[t*d*tc + c*tc + i] = src[(t*tc + i)*d + c],
+// zero for t*tc + i >= rows, up to ld = round_up(rows, tc) (the layout isa_core.h reads).
+inline void transpose_tiles(const float* src, int64_t rows, int64_t d, float* dst, int64_t tc, int64_t ld) {
+  for (int64_t t0 = 0; t0 < ld; t0 += tc) {
+    float* tile = dst + t0 * d;
+    const int64_t n1 = std::min(rows, t0 + tc);
+    for (int64_t c = 0; c < d; ++c) {
+      float* out = tile + c * tc;
+      int64_t i = 0;
+      for (; t0 + i < n1; ++i) out[i] = src[(t0 + i) * d + c];
+      for (; i < tc; ++i) out[i] = 0.f;
+    }
   }
 }
 
@@ -334,7 +340,7 @@ void fast_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t split = splits_for(BH, Nq, isa.group_rows);
   const int64_t rows_per = round_up((Nq + split - 1) / split, isa.group_rows);
   at::parallel_for(0, BH * split, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> buf(Nq * d * 2 + Nk * d * 2 + d * ldk + isa.group_rows * ldk);
+    std::vector<float> buf(Nq * d * 2 + Nk * d * 2 + d * ldk + isa.group_rows * (ldk + isa.tile_cols));
     float* Q = buf.data();
     float* O = Q + Nq * d;
     float* Kp = O + Nq * d;
@@ -349,7 +355,7 @@ void fast_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       if (bh != loaded_bh) {  // K and V of this head, normalized, K also transposed
         gather(kr, bh, 0, Nk, d, Kp, isa);
         isa.normalize_rows(Kp, Nk, d, eps, 1.0f, mode != kNone);
-        transpose_pad(Kp, Nk, d, KT, ldk);
+        transpose_tiles(Kp, Nk, d, KT, isa.tile_cols, ldk);
         gather(vr, bh, 0, Nk, d, V, isa);
         isa.normalize_rows(V, Nk, d, eps, 1.0f, mode == kQKV);
         loaded_bh = bh;
@@ -411,9 +417,9 @@ void fast_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         gather(qr, bh, 0, Nq, d, Qraw, isa);
         std::memcpy(Q, Qraw, Nq * d * sizeof(float));
         isa.normalize_rows(Q, Nq, d, eps, fscale, mode != kNone);
-        transpose_pad(Q, Nq, d, QT, ldq);
+        transpose_tiles(Q, Nq, d, QT, isa.tile_cols, ldq);
         gather(gr, bh, 0, Nq, d, dO, isa);
-        transpose_pad(dO, Nq, d, dOT, ldq);
+        transpose_tiles(dO, Nq, d, dOT, isa.tile_cols, ldq);
         gather(orows, bh, 0, Nq, d, Ob, isa);
         for (int64_t i = 0; i < Nq; ++i) {
           float s = 0.f;

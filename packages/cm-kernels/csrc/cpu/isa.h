@@ -37,6 +37,9 @@ struct IsaKernels {
   double (*sumsq_diff_f32)(const float* a, const float* b, int64_t n);
   double (*sumsq_diff_bf16)(const uint16_t* a, const uint16_t* b, int64_t n);
   void (*scaled_diff_f32)(const float* a, const float* b, float* out, int64_t n, float coef, bool stream);
+  // float16: F16C conversions in the AVX2/AVX-512 builds, bit manipulation in the baseline one.
+  double (*sumsq_diff_f16)(const uint16_t* a, const uint16_t* b, int64_t n);
+  void (*scaled_diff_f16)(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n, float coef, bool stream);
   void (*scaled_diff_bf16)(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n, float coef,
                            bool stream);
 };

@@ -43,7 +43,9 @@ typedef uint16_t vhu __attribute__((vector_size(CM_VEC_BYTES / 2), aligned(2), m
 
 static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-static inline vf splat(float x) { return vf{} + x; }
+static inline vf splat(float x) {  // a broadcast (not vf{} + x: that is a real IEEE add of +0.0)
+  return __builtin_shuffle(vf{x}, vi{});
+}
 static inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < W; ++i) s += v[i];
@@ -129,7 +131,7 @@ static inline void rows_gemm(int64_t M, const float* A, int64_t ai, int64_t ap, 
   for (; r < M;) run(std::integral_constant<int, 1>{});
 }
 
-// C[M][d] (+)= A-rows x B[P][d] with d split into column chunks of NVC vectors.
+// C[M][d] (+)= A-rows x B[P][d] with d split into column chunks.
 template <bool ACC, class Epi>
 static inline void rows_gemm_d(int64_t M, int64_t d, const float* A, int64_t ai, int64_t ap, const float* B, int64_t ldb,
                                int64_t P, float* C, int64_t ldc, Epi&& epi) {
@@ -141,24 +143,30 @@ static inline void rows_gemm_d(int64_t M, int64_t d, const float* A, int64_t ai,
       rows_gemm<NV, ACC>(M, A, ai, ap, B + c * W, ldb, P, C + c * W, ldc, e);
     }
   };
-  constexpr int NVmax = kRegs == 32 ? 8 : 4;
-  if (nv % 8 == 0 && NVmax >= 8) chunks(std::integral_constant<int, (NVmax >= 8 ? 8 : 4)>{});
-  else if (nv % 6 == 0 && kRegs == 32) chunks(std::integral_constant<int, (kRegs == 32 ? 6 : 2)>{});
-  else if (nv % 4 == 0) chunks(std::integral_constant<int, 4>{});
-  else if (nv % 2 == 0) chunks(std::integral_constant<int, 2>{});
+  // Chunks of at most 4 vectors (6 for d = 96 on AVX-512) so that a tile has >= 6 rows: each
+  // B vector (streamed from L2 for long key ranges) then feeds >= 6 FMAs. Wider tiles (8 x 3 rows
+  // for d = 128) measured slower: V no longer fits L2 next to the strip at N = 1024.
+  if constexpr (kRegs == 32) {
+    if (nv % 4 == 0) return chunks(std::integral_constant<int, 4>{});
+    if (nv % 6 == 0) return chunks(std::integral_constant<int, 6>{});
+  }
+  if (nv % 2 == 0) chunks(std::integral_constant<int, 2>{});
   else chunks(std::integral_constant<int, 1>{});
 }
 
 // ---------------------------------------------------------------------------------------------
 // Attention on float panels of one (batch, head). Layouts (row-major, ld in floats):
 //   Q  [Nq][d]  normalized q times scale      K [Nk][d], V [Nk][d] normalized (v per mode)
-//   KT [d][ldk] K transposed, keys padded with zeros to ldk = round_up(Nk, TC)
-//   QT, dOT [d][ldq] transposed, queries padded with zeros to ldq = round_up(Nq, TC)
+//   KT    K transposed in tiles of TC keys: tile t at KT + t*d*TC holds [d][TC] (keys padded with
+//         zeros to ldk = round_up(Nk, TC)); each tile is contiguous, so the TC-column GEMM tiles
+//         read it without the 4 KiB-stride set conflicts of a [d][ldk] layout (N = 1024)
+//   QT, dOT the same for queries (ldq = round_up(Nq, TC))
 // FwdPanels and BwdPanels: isa.h.
 
-// Rows [r0, r1) of the forward; strip: kGroup * ldk floats.
+// Rows [r0, r1) of the forward; strip: kGroup * (ldk + TC) floats (rows padded against set conflicts).
 static void attn_fwd_rows(const FwdPanels& f, int64_t r0, int64_t r1, float* strip) {
   const int64_t d = f.d, ldk = f.ldk, Nk = f.Nk;
+  const int64_t lds = ldk % 256 == 0 ? ldk + 16 : ldk;  // strip row stride
   const int64_t tail = Nk % TC;  // valid columns of the last key tile (0: full)
   float rowsum[kGroup];
   for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
@@ -178,13 +186,13 @@ static void attn_fwd_rows(const FwdPanels& f, int64_t r0, int64_t r1, float* str
           }
           rs[r] += x;
         };
-        rows_gemm<NVS, false>(G, Qg, d, 1, f.KT + j, ldk, d, strip + j, ldk, epi);
+        rows_gemm<NVS, false>(G, Qg, d, 1, f.KT + j * d, TC, d, strip + j, lds, epi);
       } else {
-        rows_gemm<NVS, false>(G, Qg, d, 1, f.KT + j, ldk, d, strip + j, ldk, NoEpi{});
+        rows_gemm<NVS, false>(G, Qg, d, 1, f.KT + j * d, TC, d, strip + j, lds, NoEpi{});
       }
     }
     for (int64_t r = 0; r < G; ++r) {
-      float* row = strip + r * ldk;
+      float* row = strip + r * lds;
       float mx = f.bound;
       if (!f.bounded) {
         mx = row[0];
@@ -211,7 +219,7 @@ static void attn_fwd_rows(const FwdPanels& f, int64_t r0, int64_t r1, float* str
       rowsum[r] = 1.0f / rowsum[r];
     }
     auto scale_rows = [&](int64_t r, int, vf& x) { x *= rowsum[r]; };
-    rows_gemm_d<false>(G, d, strip, ldk, 1, f.V, d, Nk, f.O + g0 * d, d, scale_rows);
+    rows_gemm_d<false>(G, d, strip, lds, 1, f.V, d, Nk, f.O + g0 * d, d, scale_rows);
   }
 }
 
@@ -228,11 +236,11 @@ static void attn_bwd_keys(const BwdPanels& b, int64_t k0, int64_t k1, float* pt,
     for (int64_t i0 = 0; i0 < ldq; i0 += TC) {
       const int64_t QB = Nq - i0 < TC ? Nq - i0 : TC;  // valid queries in the block
       auto p_epi = [&](int64_t, int v, vf& x) { x = vexp(x - load(b.lse + i0 + v * W)); };
-      rows_gemm<NVS, false>(KC, Kc, d, 1, b.QT + i0, ldq, d, pt, TC, p_epi);  // P^T
+      rows_gemm<NVS, false>(KC, Kc, d, 1, b.QT + i0 * d, TC, d, pt, TC, p_epi);  // P^T
       auto ds_epi = [&](int64_t r, int v, vf& x) {
         x = load(pt + r * TC + v * W) * (x - load(b.delta + i0 + v * W));
       };
-      rows_gemm<NVS, false>(KC, Vc, d, 1, b.dOT + i0, ldq, d, dst, TC, ds_epi);  // dS^T
+      rows_gemm<NVS, false>(KC, Vc, d, 1, b.dOT + i0 * d, TC, d, dst, TC, ds_epi);  // dS^T
       rows_gemm_d<true>(KC, d, pt, TC, 1, b.dO + i0 * d, d, QB, b.dV + c0 * d, d, NoEpi{});
       rows_gemm_d<true>(KC, d, dst, TC, 1, b.Q + i0 * d, d, QB, b.dK + c0 * d, d, NoEpi{});
       if (c0 == k0)
@@ -464,6 +472,83 @@ static void scaled_diff_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out
   scaled_diff(a, b, out, n, coef, stream);
 }
 
+// float16 <-> float32 for W lanes: F16C in the AVX2 and AVX-512 builds; elsewhere the branch-free
+// bit manipulation of the FP16 library (Maratea's fp16_ieee_to/from_fp32_value), lane-wise.
+static inline vf load_f16(const uint16_t* p) {
+#if CM_VEC_BYTES == 64
+  const __m512 x = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<const vf&>(x);
+#elif CM_VEC_BYTES == 32 && defined(__x86_64__)
+  const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<const vf&>(x);
+#else
+  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  const vu sign = w & 0x80000000u;
+  const vu two_w = w + w;
+  const vu nb = (two_w >> 4) + (0xE0u << 23);
+  const vf normalized = reinterpret_cast<const vf&>(nb) * 0x1.0p-112f;
+  const vu db = (two_w >> 17) | (126u << 23);
+  const vf denormalized = reinterpret_cast<const vf&>(db) - 0.5f;
+  const vu bits = sign | (two_w < (1u << 27) ? reinterpret_cast<const vu&>(denormalized)
+                                             : reinterpret_cast<const vu&>(normalized));
+  return reinterpret_cast<const vf&>(bits);
+#endif
+}
+static inline void store_f16(uint16_t* p, vf x) {  // round to nearest even, as c10::Half
+#if CM_VEC_BYTES == 64
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<const __m512&>(x), _MM_FROUND_TO_NEAREST_INT));
+#elif CM_VEC_BYTES == 32 && defined(__x86_64__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<const __m256&>(x), _MM_FROUND_TO_NEAREST_INT));
+#else
+  const vf ax = x < 0.f ? -x : x;
+  vf base = (ax * 0x1.0p+112f) * 0x1.0p-110f;
+  const vu w = reinterpret_cast<const vu&>(x);
+  const vu shl1_w = w + w;
+  const vu sign = w & 0x80000000u;
+  vu bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? vu{} + 0x71000000u : bias;
+  const vu bb = (bias >> 1) + 0x07800000u;
+  base = reinterpret_cast<const vf&>(bb) + base;
+  const vu bits = reinterpret_cast<const vu&>(base);
+  const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const vu h = (sign >> 16) | (shl1_w > 0xFF000000u ? vu{} + 0x7E00u : nonsign);
+  *reinterpret_cast<vhu*>(p) = __builtin_convertvector(h, vh);
+#endif
+}
+static inline float f16_scalar(uint16_t h) {
+  uint16_t buf[W] = {h};
+  return load_f16(buf)[0];
+}
+
+static double sumsq_diff_f16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  vf acc0 = vf{}, acc1 = vf{};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const vf d0 = load_f16(a + i) - load_f16(b + i);
+    const vf d1 = load_f16(a + i + W) - load_f16(b + i + W);
+    acc0 += d0 * d0;
+    acc1 += d1 * d1;
+  }
+  double s = static_cast<double>(hsum(acc0 + acc1));
+  for (; i < n; ++i) {
+    const float dd = f16_scalar(a[i]) - f16_scalar(b[i]);
+    s += static_cast<double>(dd * dd);
+  }
+  return s;
+}
+
+static void scaled_diff_f16(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n, float coef, bool) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store_f16(out + i, (load_f16(a + i) - load_f16(b + i)) * coef);
+  if (i < n) {  // the tail through a padded vector
+    uint16_t ta[W] = {}, tb[W] = {}, to[W];
+    for (int64_t j = i; j < n; ++j) ta[j - i] = a[j], tb[j - i] = b[j];
+    store_f16(to, (load_f16(ta) - load_f16(tb)) * coef);
+    for (int64_t j = i; j < n; ++j) out[j] = to[j - i];
+  }
+}
 static double sumsq_diff_f32(const float* a, const float* b, int64_t n) { return sumsq_diff(a, b, n); }
 static double sumsq_diff_bf16(const uint16_t* a, const uint16_t* b, int64_t n) { return sumsq_diff(a, b, n); }
 

@@ -3,7 +3,7 @@
 // The second form has no cancellation when s_b << c^2. Forward reads pred and target once;
 // backward reads them once more and writes the gradient: 5 passes of B*D elements in total.
 // float32 and bfloat16 run the vectorized loops of isa_core.h (AVX-512 / AVX2 / baseline, chosen
-// at run time); float64 and float16 the portable loops of simd.h.
+// at run time), float16 too; float64 the portable loops of simd.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -41,6 +41,12 @@ float sumsq_diff<at::BFloat16>(const IsaKernels& isa, const at::BFloat16* a, con
       isa.sumsq_diff_bf16(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b), n));
 }
 
+template <>
+float sumsq_diff<at::Half>(const IsaKernels& isa, const at::Half* a, const at::Half* b, int64_t n) {
+  return static_cast<float>(
+      isa.sumsq_diff_f16(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b), n));
+}
+
 template <typename T>
 void scaled_diff(const IsaKernels&, const T* a, const T* b, T* out, int64_t n, at::opmath_type<T> coef, bool) {
   simd::scaled_diff<T, at::opmath_type<T>>(a, b, out, n, coef);
@@ -49,6 +55,12 @@ template <>
 void scaled_diff<float>(const IsaKernels& isa, const float* a, const float* b, float* out, int64_t n, float coef,
                         bool stream) {
   isa.scaled_diff_f32(a, b, out, n, coef, stream);
+}
+template <>
+void scaled_diff<at::Half>(const IsaKernels& isa, const at::Half* a, const at::Half* b, at::Half* out, int64_t n,
+                           float coef, bool stream) {
+  isa.scaled_diff_f16(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b),
+                      reinterpret_cast<uint16_t*>(out), n, coef, stream);
 }
 template <>
 void scaled_diff<at::BFloat16>(const IsaKernels& isa, const at::BFloat16* a, const at::BFloat16* b, at::BFloat16* out,

@@ -30,7 +30,7 @@ def bench(name: str, args: tuple[str, ...]) -> None:
 
     \b
     Example:
-      cm bench kernels --no-compile --repeat 5
+      cm bench kernels --quick
       cm bench gpu --device cpu --tiny
     """
     script = bench_dir() / SCRIPTS[name]
