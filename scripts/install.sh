@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the cm workspace into ./.venv (created if missing): torch, build and test tools, and
-# every package under packages/ plus tools/ in editable mode. Safe to re-run.
+# every package under packages/ plus tools/ in editable mode. Safe to re-run: a rerun installs
+# nothing new and skips cm-kernels' compile when its sources, build settings and torch are unchanged.
 #
 #   CM_TORCH_SPEC     what to install for torch (default "torch==2.14.1 torchvision==0.29.1": the
 #                     default PyPI CUDA 13 builds, what users get from `pip install torch`; they run
@@ -66,13 +67,47 @@ if [ -z "${CM_KERNELS_CUDA:-}" ]; then
     fi
 fi
 
-# Lower packages first, down the dependency graph of DESIGN.md (cm-kernels is the leaf).
+# cm-kernels' build key: its C++ sources, build files, the CUDA request and torch's version. A rerun
+# with the same key and a loadable extension skips the compile (50 s to minutes); anything else
+# rebuilds. The key is written only after a successful build.
+KERNELS_STAMP=.venv/.cm-kernels-build-key
+kernels_key() {
+    .venv/bin/python - <<'KEY'
+import hashlib, os, pathlib, torch
+root = pathlib.Path("packages/cm-kernels")
+h = hashlib.sha256()
+files = [root / "setup.py", root / "pyproject.toml", root / "src/cm_kernels/_build_config.py"]
+files += sorted(p for p in (root / "csrc").rglob("*") if p.is_file())
+for p in files:
+    h.update(str(p).encode() + b"\0" + p.read_bytes())
+env = [os.environ.get(k, "") for k in ("CM_KERNELS_CUDA", "CM_KERNELS_CUDA_ARCHS", "CUDA_HOME", "CUDA_PATH")]
+h.update(repr((env, torch.__version__, torch.version.cuda)).encode())
+print(h.hexdigest())
+KEY
+}
+kernels_binary() {  # the compiled extension's own hash: a rebuild by hand (other flags) changes it
+    cat packages/cm-kernels/src/cm_kernels/_C*.so 2>/dev/null | sha256sum | cut -c1-64
+}
+kernels_built() {  # the stamp matches the key and the binary, and the compiled extension loads
+    [ -f "$KERNELS_STAMP" ] && [ "$(cat "$KERNELS_STAMP")" = "$1 $(kernels_binary)" ] &&
+        .venv/bin/python -c "import sys, cm_kernels; sys.exit(0 if cm_kernels._STATE.loaded and cm_kernels._STATE.source == 'aot' else 1)" 2>/dev/null
+}
+
+# Lower packages first, down the package graph in README.md (cm-kernels is the leaf).
 # --no-build-isolation: the C++ extension must build against the torch installed above.
 for pkg in packages/cm-kernels packages/cm-core packages/cm-nets packages/cm-eval packages/cm-train tools; do
-    if [ -f "$pkg/pyproject.toml" ]; then
-        echo "[install] $pkg"
-        pip_install --no-build-isolation -e "$pkg"
+    [ -f "$pkg/pyproject.toml" ] || continue
+    if [ "$pkg" = packages/cm-kernels ]; then
+        key=$(kernels_key)
+        if kernels_built "$key"; then
+            echo "[install] $pkg: sources, build settings and torch unchanged since its last build: not rebuilt"
+            continue
+        fi
+        rm -f "$KERNELS_STAMP"
     fi
+    echo "[install] $pkg"
+    pip_install --no-build-isolation -e "$pkg"
+    [ "$pkg" != packages/cm-kernels ] || echo "$key $(kernels_binary)" > "$KERNELS_STAMP"
 done
 .venv/bin/python - <<'EOF'
 import torch

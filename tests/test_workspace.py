@@ -1,4 +1,4 @@
-"""Workspace rules from DESIGN.md: packages are complete, and imports only point down the DAG."""
+"""Workspace rules (README.md, "Packages"): packages are complete, and imports only point down the graph."""
 
 import ast
 import re
@@ -15,7 +15,7 @@ TOOLS = ROOT / "tools"  # the cm-tools distribution (import cm_cli): the only pl
 def _dist_and_import(pkg: Path) -> tuple[str, str]:
     return ("cm-tools", "cm_cli") if pkg == TOOLS else (pkg.name, pkg.name.replace("-", "_"))
 
-# What each package may import among the workspace's own (DESIGN.md, "direction of dependence").
+# What each package may import among the workspace's own (the package graph in README.md).
 ALLOWED = {
     "cm_kernels": set(),
     "cm_core": {"cm_kernels"},

@@ -97,6 +97,8 @@ ATTN_SHAPES = [  # B, H, Nq, Nk, d
     (1, 2, 33, 65, 64),
     (1, 1, 65, 100, 96),
     (1, 1, 100, 130, 128),
+    (1, 1, 50, 256, 32),  # key padding a multiple of 256: the forward strip's padded row stride
+    (1, 1, 20, 512, 16),
     (2, 1, 130, 1, 64),
     (1, 1, 49, 17, 16),
 ]

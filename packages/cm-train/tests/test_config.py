@@ -24,6 +24,17 @@ def test_defaults_and_overrides(tmp_path):
         ({"precision": {"mode": "fp8"}}, r"precision.mode must be one of"),
         ({"ema": [{"kind": "weird"}]}, r"ema.kind must be one of"),
         ({"data": {"source": "imagenet"}}, r"data.source must be one of"),
+        # numeric ranges: one line naming the key (batch_size = 0 was a ZeroDivisionError, a negative
+        # lr torch's "Invalid learning rate" without the key)
+        ({"run": {"batch_size": 0}}, r"run.batch_size must be >= 1 \(the global batch\), got 0"),
+        ({"run": {"total_steps": -5}}, r"run.total_steps must be >= 1"),
+        ({"optim": {"lr": -1e-3}}, r"optim.lr must be > 0 \(a learning rate\), got -0.001"),
+        ({"optim": {"lr": float("nan")}}, r"optim.lr must be > 0"),
+        ({"optim": {"betas": [0.9, 1.0]}}, r"optim.betas must be two numbers in \[0, 1\)"),
+        ({"guard": {"lr_factor": 1.5}}, r"guard.lr_factor must be > 0 and <= 1"),
+        ({"checkpoint": {"keep_last": 0}}, r"checkpoint.keep_last must be >= 1"),
+        ({"ema": [{"decay": 0.9}, {"decay": 1.0}]}, r"ema\[1\].decay must be >= 0 and < 1, got 1.0"),
+        ({"model": {"sigma_min": 0}}, r"model.sigma_min must be > 0"),
     ],
 )
 def test_bad_configs_name_the_key(data, match):

@@ -18,7 +18,7 @@ def draw_device(generator: torch.Generator | None, x: torch.Tensor) -> torch.dev
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """``torch.randn(x.shape, generator=generator)`` on :func:`draw_device`, then moved to x.
 
-    Drawn in the default dtype (float32) as DESIGN.md specifies, so a seed gives the same noise
+    Drawn in the default dtype (float32), so a seed gives the same noise
     whatever x's dtype or device; float64 callers get float32-precision noise values.
     """
     return torch.randn(x.shape, generator=generator, device=draw_device(generator, x)).to(x)

@@ -340,7 +340,7 @@ void fast_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t split = splits_for(BH, Nq, isa.group_rows);
   const int64_t rows_per = round_up((Nq + split - 1) / split, isa.group_rows);
   at::parallel_for(0, BH * split, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> buf(Nq * d * 2 + Nk * d * 2 + d * ldk + isa.group_rows * (ldk + isa.tile_cols));
+    std::vector<float> buf(Nq * d * 2 + Nk * d * 2 + d * ldk + isa.group_rows * (ldk + isa.strip_pad));
     float* Q = buf.data();
     float* O = Q + Nq * d;
     float* Kp = O + Nq * d;

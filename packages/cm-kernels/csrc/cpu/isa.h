@@ -25,7 +25,8 @@ struct IsaKernels {
   const char* name;  // "avx512" | "avx2" | "base"
   int lanes;         // float lanes per vector
   int tile_cols;     // TC: key (forward) / query (backward) padding unit of the transposed panels
-  int64_t group_rows;  // forward query rows per strip (strip = group_rows * ldk floats)
+  int64_t group_rows;  // forward query rows per strip (strip = group_rows * (ldk + strip_pad) floats)
+  int64_t strip_pad;
   int64_t key_chunk;   // backward key rows per chunk (pt, dst = key_chunk * tile_cols floats)
   void (*attn_fwd_rows)(const FwdPanels&, int64_t r0, int64_t r1, float* strip);
   void (*attn_bwd_keys)(const BwdPanels&, int64_t k0, int64_t k1, float* pt, float* dst);

@@ -33,6 +33,7 @@ constexpr int NVS = kRegs == 32 ? 4 : 2;         // vectors per score tile row
 constexpr int TC = NVS * W;                      // score tile columns (keys fwd, queries bwd)
 constexpr int64_t kGroup = 48;                   // forward query rows per strip
 constexpr int64_t kKeyChunk = 256;               // backward key rows per chunk
+constexpr int64_t kStripPad = 16;                // see attn_fwd_rows
 
 typedef float vf __attribute__((vector_size(CM_VEC_BYTES)));
 typedef float vfu __attribute__((vector_size(CM_VEC_BYTES), aligned(4), may_alias));
@@ -44,7 +45,13 @@ typedef uint16_t vhu __attribute__((vector_size(CM_VEC_BYTES / 2), aligned(2), m
 static inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 static inline vf splat(float x) {  // a broadcast (not vf{} + x: that is a real IEEE add of +0.0)
+#if defined(__clang__)
+  vf r;
+  for (int i = 0; i < W; ++i) r[i] = x;  // clang turns this into a broadcast (GCC does not)
+  return r;
+#else
   return __builtin_shuffle(vf{x}, vi{});
+#endif
 }
 static inline float hsum(vf v) {
   float s = 0.f;
@@ -163,10 +170,11 @@ static inline void rows_gemm_d(int64_t M, int64_t d, const float* A, int64_t ai,
 //   QT, dOT the same for queries (ldq = round_up(Nq, TC))
 // FwdPanels and BwdPanels: isa.h.
 
-// Rows [r0, r1) of the forward; strip: kGroup * (ldk + TC) floats (rows padded against set conflicts).
+// Rows [r0, r1) of the forward; strip: kGroup * (ldk + kStripPad) floats (rows padded against
+// 4 KiB-stride set conflicts when ldk is a multiple of 256).
 static void attn_fwd_rows(const FwdPanels& f, int64_t r0, int64_t r1, float* strip) {
   const int64_t d = f.d, ldk = f.ldk, Nk = f.Nk;
-  const int64_t lds = ldk % 256 == 0 ? ldk + 16 : ldk;  // strip row stride
+  const int64_t lds = ldk % 256 == 0 ? ldk + kStripPad : ldk;  // strip row stride
   const int64_t tail = Nk % TC;  // valid columns of the last key tile (0: full)
   float rowsum[kGroup];
   for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {

@@ -9,6 +9,7 @@ const IsaKernels& table() {
     k.lanes = W;
     k.tile_cols = TC;
     k.group_rows = kGroup;
+    k.strip_pad = kStripPad;
     k.key_chunk = kKeyChunk;
     k.attn_fwd_rows = attn_fwd_rows;
     k.attn_bwd_keys = attn_bwd_keys;

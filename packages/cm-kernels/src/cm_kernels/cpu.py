@@ -24,6 +24,7 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's upper limit for M_MMAP_THRESHOLD on 6
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 _tuned: dict | None = None
+_isa: str | None = None  # cpu_isa(), cached (set_cpu_isa updates it)
 
 
 def _loaded() -> bool:
@@ -35,15 +36,21 @@ def _loaded() -> bool:
 def cpu_isa() -> str:
     """The instruction set of the CPU kernels in use ("avx512", "avx2", "base"), or "reference"
     when the compiled extension is not loaded."""
-    return str(torch.ops.cm_kernels.cpu_isa()) if _loaded() else "reference"
+    global _isa
+    if _isa is None:
+        _isa = str(torch.ops.cm_kernels.cpu_isa()) if _loaded() else "reference"
+    return _isa
 
 
 def set_cpu_isa(name: str) -> str:
     """Run the CPU kernels with ``name`` ("avx512" | "avx2" | "base" | "auto"); returns the set in
     effect. ValueError when this CPU cannot run it."""
+    global _isa
     if not _loaded():
         raise RuntimeError("cm_kernels: the compiled extension is not loaded; there is no CPU ISA to set")
-    return str(torch.ops.cm_kernels.set_cpu_isa(name))
+    _isa = None  # also when the switch fails: ask the extension again
+    _isa = str(torch.ops.cm_kernels.set_cpu_isa(name))
+    return _isa
 
 
 def tune_cpu_allocator() -> dict:

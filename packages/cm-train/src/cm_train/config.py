@@ -328,8 +328,64 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
         data = _read_file(source)
     data = apply_overrides(data, list(overrides))
     config = _build(Config, data, "")
+    _check_ranges(config)
     _check_sampling(config.model)
     return config
+
+
+# Numeric keys and the values they accept: (low, low inclusive, high, high inclusive, hint); None:
+# unbounded on that side. Checked once at load, so a bad value fails with its key before any work
+# (e.g. run.batch_size = 0 used to end in a ZeroDivisionError, optim.lr < 0 in torch's message).
+_RANGES = {
+    "run.total_steps": (1, True, None, False, "the number of optimizer steps"),
+    "run.batch_size": (1, True, None, False, "the global batch"),
+    "run.batch_per_rank": (0, True, None, False, "0 = the global batch / ranks"),
+    "run.grad_bucket_mb": (0, False, None, False, "MB per all-reduce bucket"),
+    "data.resolution": (0, True, None, False, "0 keeps the dataset's size"),
+    "data.channels": (0, True, None, False, "0 keeps the dataset's channels; 1 or 3 converts"),
+    "data.num_classes": (0, True, None, False, "0 takes it from the dataset"),
+    "model.sigma_data": (0, False, None, False, ""),
+    "model.sigma_min": (0, False, None, False, ""),
+    "optim.lr": (0, False, None, False, "a learning rate"),
+    "optim.weight_decay": (0, True, None, False, ""),
+    "optim.eps": (0, False, None, False, ""),
+    "optim.warmup_steps": (0, True, None, False, ""),
+    "optim.decay_steps": (0, True, None, False, "0 = run.total_steps"),
+    "optim.grad_clip": (0, True, None, False, "0 = off"),
+    "precision.init_scale": (0, False, None, False, ""),
+    "checkpoint.every": (0, True, None, False, "0 = only at the end"),
+    "checkpoint.keep_last": (1, True, None, False, ""),
+    "checkpoint.eval_count": (1, True, None, False, ""),
+    "checkpoint.early_stop_patience": (0, True, None, False, "0 = never"),
+    "log.every": (1, True, None, False, ""),
+    "log.sample_every": (0, True, None, False, "0 = only at the end"),
+    "log.sample_count": (0, True, None, False, ""),
+    "guard.max_bad_steps": (1, True, None, False, ""),
+    "guard.window": (1, True, None, False, ""),
+    "guard.lr_factor": (0, False, 1, True, ""),
+    "guard.max_rollbacks": (0, True, None, False, ""),
+    "ema.decay": (0, True, 1, False, ""),
+    "ema.sigma_rel": (0, False, None, False, ""),
+}
+
+
+def _check_ranges(config: Config) -> None:
+    for key, (lo, lo_incl, hi, hi_incl, hint) in _RANGES.items():
+        section, name = key.split(".")
+        objs = config.ema if section == "ema" else [getattr(config, section)]
+        for i, obj in enumerate(objs):
+            value = getattr(obj, name)
+            bad_lo = lo is not None and (value < lo if lo_incl else value <= lo)
+            bad_hi = hi is not None and (value > hi if hi_incl else value >= hi)
+            if bad_lo or bad_hi or value != value:  # NaN fails too
+                where = f"ema[{i}].{name}" if section == "ema" else key
+                lo_s = f"{'>=' if lo_incl else '>'} {lo}" if lo is not None else ""
+                hi_s = f"{'<=' if hi_incl else '<'} {hi}" if hi is not None else ""
+                want = " and ".join(x for x in (lo_s, hi_s) if x)
+                raise ConfigError(f"{where} must be {want}{f' ({hint})' if hint else ''}, got {value!r}")
+    betas = config.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(betas)}")
 
 
 def _check_sampling(m: ModelConfig) -> None:
