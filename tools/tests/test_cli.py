@@ -522,3 +522,29 @@ def test_eval_fid_and_fd_dino_compute_the_frechet_distance(tmp_path, monkeypatch
     ok(cm("eval", "fd-dino", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--dino", str(weights),
           "--json", str(tmp_path / "dino.json")))  # fmt: skip
     assert json.loads((tmp_path / "dino.json").read_text())["fd_dinov2"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_unreadable_inputs_name_the_file(tmp_path):
+    """A truncated .npz, a folder with a corrupt PNG and a non-checkpoint .pt each give one line naming
+    the file (they were `BadZipFile`, `error: error: Error -5 while decompressing data`, `error: 101`)."""
+    from cm_nets.files import encode_png
+
+    good = tmp_path / "good.npz"
+    np.savez(good, np.zeros((4, 8, 8, 1), np.uint8))
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(good.read_bytes()[:60])
+    fails(cm("eval", "digits", trunc), 1, "trunc.npz: not a readable .npz")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    png = encode_png(np.zeros((8, 8, 1), np.uint8))
+    (folder / "a.png").write_bytes(png)
+    (folder / "b.png").write_bytes(png[:40] + bytes(len(png) - 40))  # right header, corrupt data
+    result = cm("eval", "digits", folder)
+    fails(result, 1, "b.png: not a readable PNG")
+    assert "error: error" not in result.stderr
+    for content in (b"101\n", b""):
+        pt = tmp_path / "b.pt"
+        pt.write_bytes(content)
+        result = cm("convert", "openai", pt, "--out", tmp_path / "o.safetensors")
+        fails(result, 1, "b.pt")
+        assert "weights_only" not in result.stderr

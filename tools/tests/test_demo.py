@@ -9,8 +9,23 @@ import json
 import math
 import re
 
+import pytest
 from click.testing import CliRunner
 from cm_cli.main import cli
+
+
+def test_missing_optional_needs_fail_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cm_cli import demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(demo, "_run_demo", lambda *a, **k: pytest.fail("the demo started without matplotlib"))
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1
+    assert "cm demo needs matplotlib (the report's plots): pip install matplotlib" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
 
 
 def test_cm_demo_quick_end_to_end(tmp_path):

@@ -99,7 +99,7 @@ def test_a_plugin_objective_trains_resumes_and_samples(plugin, tmp_path):
     assert set(w4) == set(fresh)
 
     # Resume: the extra module comes back from the checkpoint and keeps training.
-    result = cm("train", DIGITS, *TINY, "run.total_steps=6", f"run.dir={run_dir}")
+    result = cm("train", DIGITS, *TINY, "run.total_steps=6", "run.allow_config_change=true", f"run.dir={run_dir}")
     assert result.exit_code == 0, (result.output, result.exception)
     w6 = load_file(str(run_dir / "checkpoints" / "step-00000006" / "extra-log-weight.safetensors"))
     assert not torch.equal(w6["weight"], w4["weight"])  # the optimizer moved it

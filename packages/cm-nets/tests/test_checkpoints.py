@@ -76,8 +76,27 @@ def test_openai_guesses_and_conv1d_weights():
 
 def test_openai_rejects_code_in_pt(tmp_path):
     torch.save({"w": torch.ones(1), "f": print}, tmp_path / "bad.pt")  # a pickled global callable
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"bad.pt holds objects other than tensors .*print") as err:
         cm_nets.from_openai(tmp_path / "bad.pt")
+    assert "weights_only" not in str(err.value)  # never the advice to load code
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", r"x.pt is empty; expected a .pt checkpoint file"),
+        (b"101\n", r"x.pt is not a PyTorch checkpoint"),
+        (bytes(range(256)) * 8, r"x.pt is not a (readable )?PyTorch checkpoint"),
+        (b"PK\x03\x04" + b"\x00" * 40, r"x.pt is not a readable PyTorch checkpoint"),
+    ],
+    ids=["empty", "text", "random", "truncated-zip"],
+)
+def test_openai_bad_files_give_one_line_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        cm_nets.from_openai(path)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
 
 
 # ---------------------------------------------------------------- EDM .pkl

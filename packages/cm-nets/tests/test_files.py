@@ -41,6 +41,29 @@ def test_atomic_writers_write_whole_files(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temp files
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_take_the_umask_mode_not_0600(tmp_path, umask):
+    """Checkpoint weights (safetensors' save_file writes 0600) and every atomic output get the mode
+    open() would give under the process umask, so a shared run folder stays readable."""
+    import torch
+    from cm_nets import files
+
+    old = os.umask(umask)
+    try:
+        want = 0o666 & ~umask
+        assert files.file_mode() == want
+        assert stat.S_IMODE(atomic_write_bytes(tmp_path / "a.bin", b"x").stat().st_mode) == want
+        from safetensors.torch import save_file
+
+        with files.atomic_dir(tmp_path / "ckpt") as d:
+            save_file({"w": torch.zeros(2)}, str(d / "ema.safetensors"))
+            (d / "meta.json").write_text("{}")
+        for name in ("ema.safetensors", "meta.json"):
+            assert stat.S_IMODE((tmp_path / "ckpt" / name).stat().st_mode) == want, name
+    finally:
+        os.umask(old)
+
+
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = atomic_write_bytes(tmp_path / "f.bin", b"old")
     monkeypatch.setattr(os, "replace", _crash)

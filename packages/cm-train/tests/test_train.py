@@ -155,8 +155,13 @@ def test_resume_is_bit_exact(tiny_config, tmp_path, precision):
     run(straight, log=lambda m: None)
     first = load_config(tiny_config(run={"total_steps": 13, "dir": str(tmp_path / "b")}, **common))
     run(first, log=lambda m: None)  # stops mid-epoch, between checkpoint intervals
-    second = load_config(tiny_config(run={"total_steps": 20, "dir": str(tmp_path / "b")}, **common))
-    run(second, log=lambda m: None)
+    longer = {"total_steps": 20, "dir": str(tmp_path / "b")}
+    with pytest.raises(ConfigError, match=r"run.total_steps: 13 -> 20: pass run.allow_config_change=true"):
+        run(load_config(tiny_config(run=longer, **common)), log=lambda m: None)
+    second = load_config(tiny_config(run={**longer, "allow_config_change": True}, **common))
+    logged = []
+    run(second, log=logged.append)
+    assert any("config changes (run.allow_config_change): run.total_steps: 13 -> 20" in m for m in logged)
     a, sa = _weights(tmp_path / "a")
     b, sb = _weights(tmp_path / "b")
     assert sa["step"] == sb["step"] == 20
@@ -165,6 +170,22 @@ def test_resume_is_bit_exact(tiny_config, tmp_path, precision):
             assert torch.equal(a[group][key], b[group][key]), (group, key)
     assert sa["scaler"] == sb["scaler"]
     torch.testing.assert_close(sa["rng"][0]["cpu"], sb["rng"][0]["cpu"], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_changed_model_or_objective(tiny_config, tmp_path):
+    base = dict(run={"total_steps": 10, "dir": str(tmp_path / "r")}, checkpoint={"every": 5})
+    run(load_config(tiny_config(**base)), log=lambda m: None)
+    bigger = tiny_config(**base, model={"overrides": {"hidden": 48}})
+    with pytest.raises(ConfigError, match=r"cannot resume .* changed model.overrides: .*hidden.*use another run.dir"):
+        run(load_config(bigger), log=lambda m: None)
+    other = tiny_config(**{**base, "run": {**base["run"], "allow_config_change": True}}, objective={"name": "ct"})
+    with pytest.raises(ConfigError, match=r"changed objective.name: 'ict' -> 'ct'"):  # even when allowed
+        run(load_config(other), log=lambda m: None)
+    lr = tiny_config(**base, optim={"lr": 3e-3})
+    with pytest.raises(ConfigError, match=r"optim.lr: .* -> 0.003: pass run.allow_config_change=true"):
+        run(load_config(lr), log=lambda m: None)
+    quiet = tiny_config(**base, log={"every": 1})  # logging and checkpoint keys change nothing learned
+    run(load_config(quiet), log=lambda m: None)
 
 
 def test_sigkill_during_checkpoint_write_leaves_the_previous_one(tiny_config, tmp_path):

@@ -6,6 +6,8 @@ import functools
 import json
 import shutil
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import click
@@ -40,7 +42,7 @@ def device_option(f):
 
 
 def overwrite_option(f):
-    return click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")(f)
+    return click.option("--overwrite", is_flag=True, help="Replace output files (--out, --json) that exist.")(f)
 
 
 def json_option(f):
@@ -226,12 +228,15 @@ def load_uint8(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
     elif path.suffix.lower() == ".png":
         images = cm_eval.load_png(path)[None]
     elif path.suffix.lower() == ".npz":
-        images = cm_eval.load_reference_batch(path)
-        with np.load(path) as f:
-            if "arr_1" in f.files:
-                labels = np.asarray(f["arr_1"]).astype(np.int64).reshape(-1)
-                if len(labels) != len(images):
-                    raise ValueError(f"{path}: arr_1 holds {len(labels)} labels for {len(images)} images")
+        try:
+            images = cm_eval.load_reference_batch(path)
+            with np.load(path) as f:
+                if "arr_1" in f.files:
+                    labels = np.asarray(f["arr_1"]).astype(np.int64).reshape(-1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as exc:
+            raise ValueError(f"{path}: not a readable .npz ({exc or type(exc).__name__}); re-create it") from None
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{path}: arr_1 holds {len(labels)} labels for {len(images)} images")
     else:
         raise ValueError(f"{path}: expected a .png file, a folder of .png files or an .npz with arr_0")
     if limit is not None:

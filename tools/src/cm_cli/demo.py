@@ -133,6 +133,20 @@ def _loss_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     return steps, losses
 
 
+# What the demo imports beyond cm's own dependencies: checked before any training (minutes).
+NEEDS = {"sklearn": ("scikit-learn", "the embedded digits"), "matplotlib": ("matplotlib", "the report's plots")}
+
+
+def check_needs() -> None:
+    """ImportError naming every missing optional package and the pip command, before any work."""
+    import importlib.util
+
+    missing = [(dist, why) for module, (dist, why) in NEEDS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        what = ", ".join(f"{dist} ({why})" for dist, why in missing)
+        raise ImportError(f"cm demo needs {what}: pip install {' '.join(d for d, _ in missing)}")
+
+
 def run_demo(
     out_dir="demo-out", *, quick: bool = False, overwrite: bool = False, threads: int | None = 1, log=print
 ) -> dict:
@@ -145,6 +159,7 @@ def run_demo(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (cm demo --overwrite) to replace it")
+    check_needs()
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (or None for torch's setting), got {threads}")
     previous_threads = torch.get_num_threads()

@@ -41,15 +41,46 @@ _ADM_PRESETS = ("adm-imagenet64", "adm-imagenet64-no32-qkv", "adm-imagenet64-bcm
 # openai / iCT / BCM state dicts
 
 
+def _load_tensors_only(path: str | os.PathLike):
+    """torch.load(weights_only=True), with one line naming the file when it is not a checkpoint (an
+    empty, truncated, text or random file) or holds objects other than tensors and containers.
+    Never falls back to loading code: such a file is refused."""
+    import zipfile
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; expected a .pt checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty; expected a .pt checkpoint file saved by torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:  # torch's advice in this message (load with weights_only=False) is not ours
+            raise ValueError(
+                f"{path} holds objects other than tensors and containers (e.g. {found.group(1)}); cm loads "
+                "only plain state dicts and never runs code from a checkpoint: re-save it with "
+                "torch.save(model.state_dict(), ...) where it was made"
+            ) from None
+        why = re.search(r"Unpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        reason = why.group(1).strip() if why else (text.strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({reason[:120]})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, KeyError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {msg[:120]})") from None
+
+
 def read_openai_checkpoint(source: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
     """A state dict from an openai-style ``.pt`` (``weights_only=True``) or a dict; strips a
     ``module.`` (DDP) prefix and unwraps ``{"state_dict"|"model"|"ema": …}`` containers."""
-    sd = source if isinstance(source, dict) else torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+    sd = source if isinstance(source, dict) else _load_tensors_only(source)
     for key in ("state_dict", "model", "ema"):
-        if key in sd and isinstance(sd[key], dict):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
-    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("not a state dict: some values are not tensors")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        where = "" if isinstance(source, dict) else f"{os.fspath(source)}: "
+        raise ValueError(f"{where}not a state dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_text",
     "decode_png",
     "encode_png",
+    "file_mode",
     "fsync_path",
     "image_grid",
     "load_png",
@@ -49,6 +50,22 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask. Temporary files (mkstemp)
+    and safetensors' ``save_file`` create 0600 files; every output gets this mode before it is
+    renamed into place, so colleagues on a shared filesystem read checkpoints like any other file."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask by setting it (and restore it at once)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -66,7 +83,7 @@ def atomic_path(path: str | os.PathLike, *, sync_dir: bool = False) -> Iterator[
     try:
         yield tmp
         fsync_path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any written file
+        os.chmod(tmp, file_mode())  # mkstemp creates 0600; outputs are shared like any written file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -114,6 +131,10 @@ def atomic_dir(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        mode = file_mode()
+        for entry in tmp.rglob("*"):  # writers such as safetensors' save_file create 0600 files
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, mode)
         if sync:
             for entry in sorted(tmp.rglob("*"), reverse=True):  # files before the folders that hold them
                 fsync_path(entry)
@@ -224,7 +245,10 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PNG file not found: {path}")
-    return decode_png(path.read_bytes())
+    try:
+        return decode_png(path.read_bytes())
+    except (ValueError, zlib.error, IndexError, struct.error) as exc:  # truncated or corrupt data
+        raise ValueError(f"{path}: not a readable PNG ({exc}); re-create or remove the file") from None
 
 
 def image_grid(images: np.ndarray, ncol: int, pad: int = 1, fill: int = 255) -> np.ndarray:

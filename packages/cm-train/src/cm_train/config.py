@@ -29,6 +29,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "config_to_dict",
+    "resume_changes",
 ]
 
 
@@ -47,6 +48,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the model (opt-in)
     grad_bucket_mb: float = 25.0  # gradient all-reduce buckets (MB), launched during backward as they fill
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
+    allow_config_change: bool = False  # resume although run length, optimizer, ... changed (logged)
 
 
 @dataclass
@@ -367,6 +369,52 @@ _RANGES = {
     "ema.decay": (0, True, 1, False, ""),
     "ema.sigma_rel": (0, False, None, False, ""),
 }
+
+
+# What a resumed run may change. FIXED keys define the network, what it is trained to be, or the
+# data it sees: a change cannot continue the run. FREE keys change nothing the run has learned.
+# Everything else (run length, optimizer, seed, batch, data path, teacher path, guard, ...) needs
+# run.allow_config_change = true and is logged.
+_RESUME_FIXED = (
+    "model.preset", "model.overrides", "model.sigma_data", "model.sigma_min", "model.c_noise", "model.boundary",
+    "objective.name", "objective.kwargs", "objective.target", "data.source", "data.resolution", "data.channels",
+    "data.conditional", "data.num_classes", "data.gmm_components", "data.gmm_dim", "ema", "precision.mode",
+)  # fmt: skip
+_RESUME_FREE = ("run.dir", "run.device", "run.resume", "run.compile", "run.allow_config_change",
+                "run.grad_bucket_mb", "log.", "checkpoint.", "model.sample_")  # fmt: skip
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in ("model.overrides", "objective.kwargs"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _matches(key: str, names: tuple) -> bool:
+    return any(key == n or key.startswith(n + ".") or (n.endswith((".", "_")) and key.startswith(n)) for n in names)
+
+
+def resume_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
+    """(fixed, asked): the keys whose values differ between a checkpoint's saved config and
+    ``config``, each as "key: old -> new", split into those a resumed run can never change and
+    those it may change with run.allow_config_change = true. Keys absent on either side (a newer
+    or older cm-train) are not compared."""
+    old, new = _flatten(saved), _flatten(config_to_dict(config))
+    fixed, asked = [], []
+    for key in sorted(set(old) & set(new)):
+        a, b = old[key], new[key]
+        if isinstance(a, list) or isinstance(b, list):
+            a, b = json.dumps(a, sort_keys=True), json.dumps(b, sort_keys=True)  # tuples and lists alike
+        if a == b or _matches(key, _RESUME_FREE):
+            continue
+        change = f"{key}: {old[key]!r} -> {new[key]!r}"
+        (fixed if _matches(key, _RESUME_FIXED) else asked).append(change)
+    return fixed, asked
 
 
 def _check_ranges(config: Config) -> None:

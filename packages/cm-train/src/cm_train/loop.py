@@ -32,7 +32,7 @@ from .callbacks import (
     loss_metric,
 )
 from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, config_to_dict
+from .config import Config, ConfigError, config_to_dict, resume_changes
 from .data import BatchStream, build_dataset
 from .images import make_grid, write_png
 from .state import EMA, TrainState, trainable_params
@@ -391,6 +391,29 @@ class Trainer:
         distributed.barrier()
         return path
 
+    def _check_resume_config(self, ckpt: Path) -> None:
+        """Refuse to resume ``ckpt`` under a config that changes the model, objective or data; other
+        changes (run length, optimizer, ...) need run.allow_config_change = true and are logged."""
+        try:
+            saved = json.loads((ckpt / "meta.json").read_text()).get("config")
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            return
+        fixed, asked = resume_changes(saved, self.cfg)
+        if fixed:
+            raise ConfigError(
+                f"cannot resume {self.run_dir} with a changed {'; '.join(fixed)}: these define the model, its "
+                "objective or its data; use another run.dir (or restore the values)"
+            )
+        if asked and not self.cfg.run.allow_config_change:
+            raise ConfigError(
+                f"resuming {self.run_dir} with a changed {'; '.join(asked)}: pass run.allow_config_change=true "
+                "to continue with them (or restore the values, or use another run.dir)"
+            )
+        if asked:
+            self.say(f"resuming with config changes (run.allow_config_change): {'; '.join(asked)}")
+
     def load(self, path: Path) -> None:
         networks, state, _ = load_checkpoint(path)
         self.state.load_networks(networks)
@@ -448,6 +471,7 @@ class Trainer:
     def train(self) -> dict:
         cfg, state = self.cfg, self.state
         if cfg.run.resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            self._check_resume_config(ckpt)
             self.load(ckpt)
             self.say(f"resumed from {ckpt} at step {state.step}")
         if self.info.is_main:
