@@ -548,3 +548,16 @@ def test_unreadable_inputs_name_the_file(tmp_path):
         result = cm("convert", "openai", pt, "--out", tmp_path / "o.safetensors")
         fails(result, 1, "b.pt")
         assert "weights_only" not in result.stderr
+
+
+def test_train_interrupted_exits_75_with_one_line(monkeypatch, tmp_path):
+    """A signal during `cm train` ends with the checkpoint committed, one line saying how to resume,
+    and exit status 75 for requeue scripts (the trainer side: cm-train's test_a_signal_commits_...)."""
+    import cm_train
+
+    def stopped(cfg, **kw):
+        raise cm_train.Interrupted("SIGTERM", 12, tmp_path / "run" / "checkpoints" / "step-00000012")
+
+    monkeypatch.setattr(cm_train, "run", stopped)
+    result = cm("train", DIGITS, f"run.dir={tmp_path / 'run'}")
+    fails(result, 75, "SIGTERM: stopped after step 12", "run the same command again to resume")

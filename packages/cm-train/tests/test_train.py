@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import cm_core
@@ -331,3 +332,45 @@ def test_an_unknown_best_metric_is_refused_with_what_is_known(tiny_config):
     best = json.loads((Path(cfg.run.dir) / "best.json").read_text())
     assert best == {"metric": "fd_digits", "value": 1.5, "step": cfg.run.total_steps, "checkpoint": best["checkpoint"]}
 
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_signal_commits_a_checkpoint_and_exits_75(tiny_config, tmp_path, signame):
+    """SLURM sends SIGTERM (or SIGUSR1 with --signal) before a time limit, a user Ctrl-C: the run
+    finishes its step, commits a checkpoint, says how to resume and exits 75; rerunning resumes."""
+    cfg = tiny_config(run={"total_steps": 100000, "dir": str(tmp_path / "s")}, checkpoint={"every": 0})
+    cfg_path = tmp_path / "c.json"
+    cfg_path.write_text(json.dumps(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cm_train", "--config", str(cfg_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "s" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:  # training runs
+            assert time.monotonic() < deadline, "no metrics line within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err
+    assert f"{signame}: stopped after step" in err and "run the same command again to resume" in err
+    ckpt = latest_checkpoint(tmp_path / "s")
+    assert ckpt is not None, err
+    step = load_checkpoint(ckpt)[1]["step"]
+    assert 0 < step < 100000 and f"stopped after step {step} " in err
+    more = load_config({**cfg, "run": {**cfg["run"], "total_steps": step + 3, "allow_config_change": True}})
+    assert run(more, log=lambda m: None)["step"] == step + 3  # resumes from the committed step
+
+
+def test_progress_lines_when_not_a_terminal(tiny_config):
+    """A redirected run (pytest's capture is not a terminal, so tqdm stays silent) still says how far
+    it is: a line at the first logged step and at the last."""
+    messages = []
+    cfg = load_config(tiny_config(run={"total_steps": 20}, log={"every": 5, "progress": True}))
+    run(cfg, log=messages.append)
+    lines = [m for m in messages if "img/s, about" in m]
+    assert lines[0].startswith("[cm-train] step 5/20 (25 %), loss ") and "step 20/20 (100 %)" in lines[-1], lines
+    assert len(lines) == 2  # nothing in between: at most one line per 30 s

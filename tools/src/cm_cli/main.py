@@ -1,7 +1,9 @@
 """The ``cm`` command group: global options and the one place where errors become exit codes.
 
 Exit codes: 0 success; 1 a failure (missing or wrong checkpoint, bad file contents, a library's
-ValueError / FileNotFoundError / ConfigError); 2 a usage error (bad option, value out of range).
+ValueError / FileNotFoundError / ConfigError); 2 a usage error (bad option, value out of range);
+75 `cm train` stopped by SIGINT/SIGTERM/SIGUSR1 after committing a checkpoint (run the same
+command again to resume); 130 interrupted, nothing kept (Ctrl-C, or twice during training).
 Every error is one line on stderr, ``error: …``; ``cm --debug …`` re-raises with the traceback.
 """
 
@@ -48,6 +50,9 @@ class CmGroup(click.Group):
         except Exception as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
+            code = getattr(exc, "exit_code", None)  # cm_train.Interrupted: 75, checkpoint committed
+            if type(exc).__name__ == "Interrupted" and isinstance(code, int):
+                raise _Failure(_one_line(exc), code) from exc
             raise _Failure(_message(exc)) from exc
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -62,15 +67,19 @@ class CmGroup(click.Group):
         except click.exceptions.ClickException as exc:
             click.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
-            click.echo("error: interrupted", err=True)
-            sys.exit(1)
+        except click.exceptions.Abort:  # Ctrl-C outside training, or twice during `cm train`
+            click.echo("error: interrupted (nothing of the interrupted work was kept)", err=True)
+            sys.exit(130)
         # Non-standalone click returns the status of an Exit (--help, ctx.exit(n)); commands return None.
         sys.exit(code if isinstance(code, int) else 0)
 
 
 class _Failure(click.ClickException):
     exit_code = 1
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @click.group(cls=CmGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

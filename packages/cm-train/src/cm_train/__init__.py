@@ -12,7 +12,7 @@ from .distributed import DistInfo, detect_launcher
 from .images import make_grid, write_png
 from .inference import TrainedModel, kind_of, load_trained, resolve_checkpoint
 from .callbacks import Callback
-from .loop import DivergenceError, Trainer, build_function, run
+from .loop import EXIT_INTERRUPTED, DivergenceError, Interrupted, Trainer, build_function, run
 from .state import TrainState
 from .step import train_step
 
@@ -25,6 +25,8 @@ __all__ = [
     "ConfigError",
     "DistInfo",
     "DivergenceError",
+    "EXIT_INTERRUPTED",
+    "Interrupted",
     "TrainState",
     "Trainer",
     "TrainedModel",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import ConfigError, load_config, run
+import sys
+
+from . import ConfigError, Interrupted, load_config, run
 
 
 def main(argv=None) -> int:
@@ -16,7 +18,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    run(cfg)
+    try:
+        run(cfg)
+    except Interrupted as exc:  # SIGINT/SIGTERM/SIGUSR1: checkpoint committed; rerun to resume
+        print(f"cm-train: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,17 +61,27 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar on rank 0 (log.progress)."""
+    """A tqdm bar on rank 0 (log.progress). When stderr is not a terminal (a redirected or batch job,
+    where tqdm stays silent), a progress line instead: at the first logged step, then at most every
+    ``INTERVAL_S`` seconds, and at the last step."""
+
+    INTERVAL_S = 30.0
 
     def __init__(self):
         self.bar = None
+        self.lines = False
+        self._last_line = 0.0
+        self._t0 = 0.0
+        self._s0 = 0
 
     def on_train_start(self, trainer) -> None:
         if not trainer.info.is_main:
             return
+        self._t0, self._s0, self._last_line = time.time(), trainer.state.step, 0.0
         try:
             from tqdm import tqdm
         except ImportError:
+            self.lines = True
             return
         self.bar = tqdm(
             total=trainer.cfg.run.total_steps,
@@ -79,20 +90,47 @@ class ProgressBar(Callback):
             unit="it",
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=None,
+            disable=None,  # off when stderr is not a terminal
         )
+        if self.bar.disable:
+            self.bar, self.lines = None, True
 
     def on_step_end(self, trainer, result, record) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        if record is not None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if record is not None:
+                loss = record["loss"]
+                self.bar.set_postfix(
+                    loss=f"{loss:.4g}" if loss is not None else "nan", img_s=f"{record['img_per_s']:.0f}"
+                )
+        elif self.lines and record is not None:
+            now, step, total = time.time(), trainer.state.step, trainer.cfg.run.total_steps
+            if self._last_line and now - self._last_line < self.INTERVAL_S and step < total:
+                return
+            self._last_line = now
+            done = step - self._s0
+            rate = done / max(now - self._t0, 1e-9)
+            eta = (total - step) / rate if rate > 0 else float("inf")
             loss = record["loss"]
-            self.bar.set_postfix(loss=f"{loss:.4g}" if loss is not None else "nan", img_s=f"{record['img_per_s']:.0f}")
+            trainer.say(
+                f"step {step}/{total} ({100 * step / total:.0f} %), loss {loss:.4g}, {record['img_per_s']:.0f} img/s, "
+                f"about {_duration(eta)} left" if loss is not None else f"step {step}/{total}: non-finite loss"
+            )
 
     def on_train_end(self, trainer) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "an unknown time"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 class MetricsLog(Callback):

@@ -238,6 +238,15 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
+def max_scalar(value: float, device: torch.device) -> float:
+    """The largest per-rank number over all ranks (a collective when distributed)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def mean_scalar(value: float, device: torch.device) -> float:
     """The mean of a per-rank number over all ranks (a collective when distributed)."""
     if not dist.is_initialized():

@@ -38,7 +38,62 @@ from .images import make_grid, write_png
 from .state import EMA, TrainState, trainable_params
 from .step import StepContext, train_step
 
-__all__ = ["run", "build_function", "function_kind_of", "Trainer", "DivergenceError", "EMA"]
+__all__ = ["run", "build_function", "function_kind_of", "Trainer", "DivergenceError", "Interrupted", "EMA"]
+
+# The exit status of `cm train` / `python -m cm_train` after a signal stopped the run with a committed
+# checkpoint (EX_TEMPFAIL): a requeue script tests for it and runs the same command again to resume.
+EXIT_INTERRUPTED = 75
+
+
+class Interrupted(Exception):
+    """SIGINT, SIGTERM or SIGUSR1 stopped the run after a finished step and a committed checkpoint.
+    ``exit_code`` (75) is what `cm train` and `python -m cm_train` exit with."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, signame: str, step: int, checkpoint) -> None:
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        super().__init__(
+            f"{signame}: stopped after step {step} with checkpoint {checkpoint}; run the same command "
+            f"again to resume (exit status {EXIT_INTERRUPTED})"
+        )
+
+
+class _StopSignals:
+    """Turns SIGINT / SIGTERM / SIGUSR1 into a request to stop after the current step (SLURM sends
+    SIGTERM, or SIGUSR1 with --signal, before a time limit). A second SIGINT abandons at once."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signame: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    num = getattr(signal, name)
+                    self._old[num] = signal.signal(num, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signame is not None and name == "SIGINT":
+            raise KeyboardInterrupt  # pressed twice: abandon the step, no checkpoint
+        self.signame = self.signame or name
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, old in self._old.items():
+            signal.signal(num, old)
+        self._old.clear()
 
 
 class DivergenceError(RuntimeError):
@@ -481,6 +536,23 @@ class Trainer:
         total = cfg.run.total_steps
         t_last, n_last, last = time.time(), state.step, {}
         sigma_loss: list[tuple[torch.Tensor, torch.Tensor]] = []  # (σ, loss) per sample since the last log line
+        with _StopSignals() as stop:
+            self._loop(stop, total, t_last, n_last, last, sigma_loss)
+        return self._finish()
+
+    def _stop_requested(self, stop: _StopSignals) -> str | None:
+        """The signal that asked to stop, agreed by all ranks (any rank's signal stops every rank).
+        One rank checks after every step; several agree every 10 steps (a small all-reduce), well
+        within the minutes of notice a scheduler gives."""
+        code = stop.NAMES.index(stop.signame) + 1 if stop.signame else 0
+        if self.info.world > 1:
+            if self.state.step % 10:
+                return None
+            code = int(distributed.max_scalar(float(code), self.device))
+        return stop.NAMES[code - 1] if code else None
+
+    def _loop(self, stop: _StopSignals, total: int, t_last: float, n_last: int, last: dict, sigma_loss: list) -> None:
+        cfg, state = self.cfg, self.state
         while state.step < total:
             step = state.step
             lr = _lr_at(cfg, step, total) * state.lr_factor
@@ -519,6 +591,15 @@ class Trainer:
                         f"{cfg.checkpoint.early_stop_patience} evaluations; best {state.best}"
                     )
                     break
+            if (signame := self._stop_requested(stop)) is not None:
+                done = latest_checkpoint(self.run_dir)  # just saved at this step: do not write it twice
+                path = done if done is not None and done.name == f"step-{state.step:08d}" else self.save(last)
+                self.say(f"{signame} received: checkpoint {path} committed at step {state.step}")
+                raise Interrupted(signame, state.step, path)
+        self._last = last
+
+    def _finish(self) -> dict:
+        cfg, state, last = self.cfg, self.state, self._last
         for cb in self.callbacks:
             cb.on_train_end(self)
         if cfg.checkpoint.best_metric:
