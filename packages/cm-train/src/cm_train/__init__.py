@@ -5,7 +5,16 @@
 ``mpiexec -n 8``, ``srun`` or ``torchrun --nproc_per_node 8``.
 """
 
-from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointCorrupt,
+    atomic_write_text,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    usable_checkpoint,
+    verify_checkpoint,
+)
 from .config import Config, ConfigError, apply_overrides, config_to_dict, load_config
 from .data import ArrayDataset, BatchStream, build_dataset
 from .distributed import DistInfo, detect_launcher
@@ -42,6 +51,9 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_trained",
+    "CheckpointCorrupt",
+    "usable_checkpoint",
+    "verify_checkpoint",
     "make_grid",
     "resolve_checkpoint",
     "run",

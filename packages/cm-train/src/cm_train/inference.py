@@ -17,7 +17,7 @@ from pathlib import Path
 import cm_nets
 import torch
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import CheckpointCorrupt, _sha256, latest_checkpoint
 from .config import Config, load_config
 from .loop import build_function, function_kind_of
 
@@ -99,6 +99,26 @@ def _pick_network(ckpt: Path, network: str) -> str:
     return network
 
 
+def _verify_network(ckpt: Path, meta: dict, name: str) -> None:
+    """Check the chosen network's files against the checkpoint's checksums; when they fail, say
+    which other network of the checkpoint does verify (``--network``)."""
+    sums = meta.get("files") or {}
+
+    def bad(stem: str) -> str | None:
+        for fname in (f"{stem}.safetensors", f"{stem}.json"):
+            if fname in sums and (not (ckpt / fname).is_file() or _sha256(ckpt / fname) != sums[fname]):
+                return fname
+        return None
+
+    broken = bad(name)
+    if broken is None:
+        return
+    others = sorted(p.stem for p in ckpt.glob("*.safetensors") if p.stem not in (name,) and not p.stem.startswith("extra-"))
+    good = [o for o in others if bad(o) is None]
+    hint = f"; these verify: {', '.join(good)} (choose one with --network)" if good else ""
+    raise CheckpointCorrupt(ckpt / broken, f"does not match the checksum written with it (truncated or altered){hint}")
+
+
 def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:
     """Load a trained model. ``network``: "ema" (the first EMA, else the online weights), "net",
     "target" or "ema-<name>"."""
@@ -121,7 +141,11 @@ def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:
         ds = build_dataset(cfg.data, cfg.run.seed)
         shape, num_classes = tuple(ds.sample_shape), ds.num_classes if cfg.data.conditional else 0
     name = _pick_network(ckpt, network)
-    net = cm_nets.load(ckpt / f"{name}.safetensors", map_location=device)
+    _verify_network(ckpt, meta, name)
+    try:
+        net = cm_nets.load(ckpt / f"{name}.safetensors", map_location=device)
+    except (ValueError, OSError, RuntimeError) as exc:  # an unchecked (older) checkpoint's bad file
+        raise CheckpointCorrupt(ckpt / f"{name}.safetensors", f"not loadable ({exc})") from None
     # The function the model samples with: ECT trains with EDM's scalings and samples with the
     # shifted boundary at its own σ_min (model.sample_boundary / model.sample_sigma_min).
     f = build_function(objective, net, cfg, sampling=True).eval().requires_grad_(False)

@@ -31,7 +31,7 @@ from .callbacks import (
     broadcast_value,
     loss_metric,
 )
-from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint, usable_checkpoint
 from .config import Config, ConfigError, config_to_dict, resume_changes
 from .data import BatchStream, build_dataset
 from .images import make_grid, write_png
@@ -500,8 +500,8 @@ class Trainer:
 
     def rollback(self) -> None:
         state = self.state
-        ckpts = list_checkpoints(self.run_dir)
-        if not ckpts:
+        ckpt = usable_checkpoint(self.run_dir, say=self.say)
+        if ckpt is None:
             raise DivergenceError(f"non-finite losses at steps {state.bad_steps} and no checkpoint to roll back to")
         state.rollbacks += 1
         if state.rollbacks > self.cfg.guard.max_rollbacks:
@@ -510,9 +510,9 @@ class Trainer:
                 f"(non-finite values at steps {state.bad_steps}); lower optim.lr or use bf16"
             )
         rollbacks, factor = state.rollbacks, state.lr_factor * self.cfg.guard.lr_factor
-        self.load(ckpts[-1])
+        self.load(ckpt)
         state.rollbacks, state.lr_factor, state.bad_steps = rollbacks, factor, []
-        self.say(f"rolled back to {ckpts[-1].name} after repeated non-finite steps; LR × {state.lr_factor:g}")
+        self.say(f"rolled back to {ckpt.name} after repeated non-finite steps; LR × {state.lr_factor:g}")
 
     def _target_decay(self, step: int) -> float:
         """μ of the target network θ⁻ at ``step``, by objective.target's rule."""
@@ -525,9 +525,11 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, state = self.cfg, self.state
-        if cfg.run.resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+        self._resumed_at = None
+        if cfg.run.resume and (ckpt := usable_checkpoint(self.run_dir, say=self.say)) is not None:
             self._check_resume_config(ckpt)
             self.load(ckpt)
+            self._resumed_at = state.step
             self.say(f"resumed from {ckpt} at step {state.step}")
         if self.info.is_main:
             atomic_write_text(self.run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
@@ -602,6 +604,10 @@ class Trainer:
         cfg, state, last = self.cfg, self.state, self._last
         for cb in self.callbacks:
             cb.on_train_end(self)
+        if self._resumed_at == state.step:  # a finished run run again: its checkpoints stay as they are
+            final = latest_checkpoint(self.run_dir)
+            self.say(f"already at step {state.step} of {cfg.run.total_steps}: nothing to train, checkpoints kept")
+            return {"step": state.step, "checkpoint": str(final) if final else None, "metrics": last, "samples": []}
         if cfg.checkpoint.best_metric:
             self.checkpoint(last)
             final = latest_checkpoint(self.run_dir)
