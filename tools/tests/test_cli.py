@@ -561,3 +561,16 @@ def test_train_interrupted_exits_75_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(cm_train, "run", stopped)
     result = cm("train", DIGITS, f"run.dir={tmp_path / 'run'}")
     fails(result, 75, "SIGTERM: stopped after step 12", "run the same command again to resume")
+
+
+def test_few_samples_warn_in_one_line(tmp_path):
+    """FD-digits from fewer samples than its 64 feature dimensions: one `warning:` line saying so."""
+    samples = tmp_path / "few.npz"
+    rng = np.random.default_rng(0)
+    np.savez(samples, rng.integers(0, 255, (20, 8, 8, 1), dtype=np.uint8))
+    # a real process: pytest records warnings itself instead of printing them
+    proc = subprocess.run([sys.executable, "-m", "cm_cli", "eval", "digits", str(samples)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: covariance of 20 samples of 64-d features"), lines
+    assert "at least 65 samples" in lines[0]

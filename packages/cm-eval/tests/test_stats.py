@@ -148,3 +148,19 @@ def test_stats_files_roundtrip_and_foreign_formats(tmp_path):
         save_reference_batch(tmp_path / "bad.npz", imgs.astype(np.float32))
     save_stats(tmp_path / "direct.npz", s.mean(), s.cov())
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_fewer_samples_than_dimensions_warn():
+    """FD from fewer samples than feature dimensions is biased upward (a rank-deficient covariance)."""
+    import warnings
+
+    from cm_eval import FeatureStats, SmallSampleWarning
+
+    rng = np.random.default_rng(0)
+    few = FeatureStats(16).update(rng.standard_normal((10, 16)))
+    with pytest.warns(SmallSampleWarning, match=r"10 samples of 16-d features has rank <= 9 < 16.*at least 17"):
+        few.cov()
+    enough = FeatureStats(16).update(rng.standard_normal((40, 16)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough.cov()

@@ -60,3 +60,22 @@ def test_shipped_configs_load():
     assert any(p.stem == "digits" for p in configs)
     for path in configs:
         load_config(path)
+
+
+def test_data_path_is_never_ignored(tmp_path):
+    """`cm train digits.toml data.path=mydigits` used to train on the embedded digits and exit 0."""
+    from pathlib import Path
+
+    configs = Path(__file__).parents[1] / "configs"
+    digits, ect = configs / "digits.toml", configs / "ect-cifar10.toml"
+    assert load_config(digits).data.source == "digits"
+    assert load_config(digits, [f"data.path={tmp_path}"]).data.source == "folder"
+    assert load_config(digits, ["data.path=x/cifar10.zip"]).data.source == "zip"
+    assert load_config(digits, ["data.path=x/faces.NPZ"]).data.source == "npz"
+    assert load_config(ect, [f"data.path={tmp_path}"]).data.source == "folder"  # the file's zip gives way
+    swapped = load_config(ect, ["data.source=digits"])  # a built-in source drops the file's path
+    assert swapped.data.source == "digits" and swapped.data.path == ""
+    with pytest.raises(ConfigError, match=r"data.source = 'zip' reads a .zip .*x/a.npz names an .npz: set data.source=npz"):
+        load_config({"data": {"source": "zip", "path": "x/a.npz"}})
+    with pytest.raises(ConfigError, match=r"data.source = 'digits' reads no data.path"):
+        load_config(digits, ["data.source=digits", "data.path=x/a.zip"])

@@ -10,6 +10,7 @@ Every error is one line on stderr, ``error: …``; ``cm --debug …`` re-raises 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -100,6 +101,8 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
       cm sample runs/digits-ict --nfe 2 --num 64 --out samples.npz
     """
     ctx.obj = {"debug": debug}
+    if not debug:  # a library warning is one `warning: …` line, like the errors (no source line)
+        warnings.formatwarning = lambda message, category, *a, **k: f"warning: {_one_line(message)}\n"
     if threads is not None:
         import torch
 

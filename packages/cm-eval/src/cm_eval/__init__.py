@@ -18,6 +18,7 @@ from .report import format_table, html_report, plot_curves, plot_image_panels
 from .sampling import SAMPLERS, PerImageNoise, generate, parse_seeds, sample_batch
 from .stats import (
     FeatureStats,
+    SmallSampleWarning,
     frechet_distance,
     frechet_distance_from_features,
     load_reference_batch,
@@ -42,6 +43,7 @@ __all__ = [
     "DigitsClassifier",
     "FIDInceptionV3",
     "FeatureStats",
+    "SmallSampleWarning",
     "PerImageNoise",
     "SAMPLERS",
     "best_two_step_sigma",

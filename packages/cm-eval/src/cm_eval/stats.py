@@ -11,6 +11,7 @@ File formats read and written here:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,10 @@ def _as_2d_float64(features, name="features") -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf; check the images fed to the feature extractor")
     return x
+
+
+class SmallSampleWarning(UserWarning):
+    """Feature statistics from fewer samples than feature dimensions (a rank-deficient covariance)."""
 
 
 class FeatureStats:
@@ -112,6 +117,14 @@ class FeatureStats:
     def cov(self) -> np.ndarray:
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
+        if self.n <= self.dim:
+            warnings.warn(
+                f"covariance of {self.n} samples of {self.dim}-d features has rank <= {self.n - 1} < {self.dim}: "
+                f"a Fréchet distance from it is biased upward; use at least {self.dim + 1} samples (FID's "
+                "convention is 50,000) and compare only scores from equal sample counts",
+                SmallSampleWarning,
+                stacklevel=2,
+            )
         return self._m2 / (self.n - 1)
 
     def as_dict(self) -> dict[str, np.ndarray]:

@@ -331,8 +331,41 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
     data = apply_overrides(data, list(overrides))
     config = _build(Config, data, "")
     _check_ranges(config)
+    _check_data(config.data, {item.split("=", 1)[0].strip() for item in overrides})
     _check_sampling(config.model)
     return config
+
+
+_PATH_SOURCES = {"folder": "a folder of images", "zip": "a .zip of images (EDM's dataset_tool)", "npz": "an .npz"}
+
+
+def path_source(path: str) -> str:
+    """The data.source a data.path implies, from its name: a .zip, an .npz, else a folder. (No
+    file-system check here: a run's config must load where its data is absent, e.g. to sample.)"""
+    return {".zip": "zip", ".npz": "npz"}.get(Path(path).suffix.lower(), "folder")
+
+
+def _check_data(d: DataConfig, overridden: set[str]) -> None:
+    """data.path is never silently ignored. A path given on the command line, with a source from
+    the file, decides the source (digits.toml data.path=mydigits/ trains on mydigits/); a built-in
+    source given on the command line (digits, gmm: they read no path) drops the file's path; a
+    source and a path that disagree otherwise are refused."""
+    if not d.path:
+        return
+    kind = path_source(d.path)
+    if d.source == kind:
+        return
+    if "data.path" in overridden and "data.source" not in overridden:
+        d.source = kind
+        return
+    if "data.source" in overridden and "data.path" not in overridden and d.source in ("digits", "gmm"):
+        d.path = ""
+        return
+    reads = _PATH_SOURCES.get(d.source, "no data.path (it is built in)")
+    raise ConfigError(
+        f"data.source = {d.source!r} reads {reads}, but data.path {d.path} names {_PATH_SOURCES[kind]}: "
+        f"set data.source={kind}, or drop data.path"
+    )
 
 
 # Numeric keys and the values they accept: (low, low inclusive, high, high inclusive, hint); None:
