@@ -374,3 +374,32 @@ def test_progress_lines_when_not_a_terminal(tiny_config):
     lines = [m for m in messages if "img/s, about" in m]
     assert lines[0].startswith("[cm-train] step 5/20 (25 %), loss ") and "step 20/20 (100 %)" in lines[-1], lines
     assert len(lines) == 2  # nothing in between: at most one line per 30 s
+
+
+def test_fp16_overflows_are_not_divergence(tiny_config):
+    """With a loss scale far too high for fp16 (2^24) the first steps overflow; GradScaler backs off
+    and the run goes on. These used to count as non-finite steps: rollback with LR × 0.5, or a
+    DivergenceError at step 0."""
+    messages = []
+    cfg = load_config(
+        tiny_config(
+            run={"total_steps": 30},
+            precision={"mode": "fp16", "init_scale": 2.0**24},
+            guard={"max_bad_steps": 2, "window": 10, "max_rollbacks": 0},
+            checkpoint={"every": 10},
+        )
+    )
+    out = run(cfg, log=messages.append)
+    said = "\n".join(messages)
+    assert out["step"] == 30
+    assert "fp16 gradient overflow, step skipped, loss scale lowered" in said
+    assert "rolled back" not in said and "non-finite loss or gradient" not in said
+    state = load_checkpoint(latest_checkpoint(cfg.run.dir))[1]
+    assert state["scaler"]["scale"] < 2.0**24  # the scale settled lower
+
+
+def test_a_nan_loss_under_fp16_is_still_divergence(tiny_config):
+    cfg = load_config(tiny_config(run={"total_steps": 40}, precision={"mode": "fp16"}, guard={"max_bad_steps": 1, "window": 10}))
+    objective = FlakyObjective(cm_core.create_objective("ict", total_steps=40), bad=set(range(1, 100)))
+    with pytest.raises(DivergenceError):
+        run(cfg, objective=objective, log=lambda m: None)

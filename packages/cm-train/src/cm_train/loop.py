@@ -488,6 +488,24 @@ class Trainer:
         return any(stop)
 
     # ---- the divergence guard ----------------------------------------------------------------
+    # Below this fp16 loss scale, an overflow is no longer the scaler probing upward: the gradients
+    # themselves are not finite, and the divergence guard counts it.
+    SCALE_FLOOR = 1.0
+
+    def _normal_overflow(self, step: int, result) -> bool:
+        """An fp16 gradient overflow with a finite loss: GradScaler lowers the scale and the step is
+        skipped, as it is designed to; not divergence while the scale stays >= SCALE_FLOOR."""
+        if not result.overflow:
+            return False
+        scale = self.state.scaler.get_scale()  # already lowered by this step's update
+        if scale < self.SCALE_FLOOR:
+            return False
+        self._overflows = getattr(self, "_overflows", 0) + 1
+        if self._overflows <= 10 or self._overflows % 100 == 0:
+            self.say(f"step {step}: fp16 gradient overflow, step skipped, loss scale lowered to {scale:g} "
+                     f"({self._overflows} so far; normal while the scale settles)")  # fmt: skip
+        return True
+
     def _guard(self, step: int) -> bool:
         """Record a skipped, non-finite step; True when it triggered a rollback."""
         g, state = self.cfg.guard, self.state
@@ -510,7 +528,10 @@ class Trainer:
                 f"(non-finite values at steps {state.bad_steps}); lower optim.lr or use bf16"
             )
         rollbacks, factor = state.rollbacks, state.lr_factor * self.cfg.guard.lr_factor
+        scale = state.scaler.get_scale() if state.scaler.is_enabled() else None
         self.load(ckpt)
+        if scale is not None and state.scaler.get_scale() > scale:  # keep the scale the run has learnt
+            state.scaler.update(new_scale=scale)
         state.rollbacks, state.lr_factor, state.bad_steps = rollbacks, factor, []
         self.say(f"rolled back to {ckpt.name} after repeated non-finite steps; LR × {state.lr_factor:g}")
 
@@ -565,7 +586,7 @@ class Trainer:
                     f"gradient all-reduce over {self.info.world} ranks: {len(sync.buckets)} bucket(s) of <= "
                     f"{cfg.run.grad_bucket_mb:g} MB, {sync.overlapped} started during backward"
                 )
-            if not result.finite and self._guard(step):
+            if not result.finite and not self._normal_overflow(step, result) and self._guard(step):
                 continue
             sigma_loss += result.sigma_loss
             record = None

@@ -43,6 +43,7 @@ class StepResult:
     stats: dict  # the objective's statistics of the last micro-batch
     sigma_loss: list[tuple[torch.Tensor, torch.Tensor]]  # (σ, loss) per sample, for the logs
     decays: dict  # EMA (and target) decays used
+    overflow: bool = False  # skipped for an fp16 gradient overflow alone (finite loss): the scaler backs off
 
 
 def seed_chunk(seed: int, step: int, chunk: int, generator: torch.Generator) -> None:
@@ -83,8 +84,11 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], ctx:
     clip = ctx.grad_clip if ctx.grad_clip > 0 else math.inf
     has_grads = any(p.grad is not None for p in params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if has_grads else torch.zeros(())
-    finite = bool(torch.isfinite(torch.as_tensor(loss_sum)).item()) and bool(torch.isfinite(grad_norm).item())
-    finite = distributed.all_finite(finite, ctx.device)
+    loss_ok = bool(torch.isfinite(torch.as_tensor(loss_sum)).item())
+    grads_ok = bool(torch.isfinite(grad_norm).item())
+    # 0: fine; 1: only the gradients overflowed (fp16 at this loss scale); 2: the loss is not finite.
+    code = int(distributed.max_scalar(float(0 if loss_ok and grads_ok else 1 if loss_ok else 2), ctx.device))
+    finite, overflow = code == 0, code == 1 and state.scaler.is_enabled()
 
     decays = {}
     if finite:
@@ -98,4 +102,4 @@ def train_step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor], ctx:
     else:
         state.scaler.update()  # lowers the fp16 loss scale after an overflow
         state.step += 1  # the data and RNG moved on; the weights did not
-    return StepResult(torch.as_tensor(loss_sum), grad_norm, finite, stats, sigma_loss, decays)
+    return StepResult(torch.as_tensor(loss_sum), grad_norm, finite, stats, sigma_loss, decays, overflow)
