@@ -5,6 +5,8 @@ usage errors, one `error:` line on stderr, no traceback unless --debug).
 """
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -574,3 +576,26 @@ def test_few_samples_warn_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: covariance of 20 samples of 64-d features"), lines
     assert "at least 65 samples" in lines[0]
+
+
+def test_unwritable_output_names_the_users_file(tmp_path, monkeypatch):
+    """A folder that cannot be written: the message names the requested output (not a temporary such
+    as `ro/.i.png.e0njyfuw.tmp`), and `cm eval --json` fails before it prints any result."""
+    from cm_nets import files
+
+    samples = tmp_path / "s.npz"
+    np.savez(samples, np.zeros((70, 8, 8, 1), np.uint8))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == ro else real_access(p, mode, **k))
+    result = cm("eval", "digits", samples, "--json", ro / "r.json")
+    fails(result, 1, f"cannot write {ro / 'r.json'}: {ro} is not writable")
+    assert "FD-digits" not in result.stdout  # nothing printed before the failure
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError, match=rf"cannot write {re.escape(str(ro / 'i.png'))}: Permission denied"):
+        files.atomic_write_bytes(ro / "i.png", b"x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 import zipfile
@@ -147,7 +148,12 @@ def check_out(path, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise CliError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: cannot create {path.parent} ({exc.strerror}); choose another path") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {path}: {path.parent} is not writable; choose another path")
     return path
 
 

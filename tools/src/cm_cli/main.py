@@ -34,6 +34,9 @@ def _one_line(text: str) -> str:
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # the system's reason, with the file when it is not in it
+        named = exc.filename is not None and str(exc.filename) not in exc.strerror
+        return _one_line(f"{exc.filename}: {exc.strerror}" if named else exc.strerror)
     text = _one_line(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     if isinstance(exc, _EXPECTED) and text:
         return text

@@ -76,8 +76,11 @@ def atomic_path(path: str | os.PathLike, *, sync_dir: bool = False) -> Iterator[
 
     For writers that take a path (``safetensors.torch.save_file``); nest two for a pair of files."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file the user asked for, not our temporary
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -128,7 +131,10 @@ def atomic_dir(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     try:
         yield tmp
         mode = file_mode()

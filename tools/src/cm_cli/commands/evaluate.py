@@ -24,6 +24,7 @@ from .._common import (
     parse_ints,
     progress,
     renamed_option,
+    write_json,
 )
 from .invert import inversion_result, need_bcm, reconstruct_options, report_line
 
@@ -91,8 +92,11 @@ def _frechet(net, key: str, samples, ref, batch_size: int, desc: str) -> tuple[f
 
 
 def _finish(line: str, result: dict, json_path, overwrite: bool) -> None:
+    if json_path:  # written before anything is printed: a failed write never follows printed results
+        write_json(json_path, result, overwrite)
     click.echo(line)
-    echo_json(result, json_path, overwrite)
+    if json_path:
+        click.echo(f"wrote {json_path}")
 
 
 def _precheck(json_path, overwrite):
