@@ -138,3 +138,21 @@ def test_mlp_digits_is_the_flat_mlp_on_images():
         img(torch.randn(5, 64), c)
     with pytest.raises(ValueError, match="image_shape must be"):
         cm_nets.create("mlp-digits", image_shape=(3, 8, 8))
+
+
+def test_fit_to_data_sizes_every_architecture():
+    from cm_nets import fit_to_data
+
+    added, notes = fit_to_data("ddpmpp-cifar10", (1, 16, 16), 10, {})
+    assert added == {"img_resolution": 16, "in_channels": 1, "out_channels": 1, "label_dim": 10, "attn_resolutions": (8,)}
+    added, _ = fit_to_data("edm2-xs", (3, 32, 32), 0, {})
+    assert added["img_resolution"] == 32 and added["img_channels"] == 3 and added["label_dim"] == 0
+    added, _ = fit_to_data("mlp-digits", (1, 8, 8), 10, {})
+    assert added == {"num_classes": 10}  # dim 64 is the preset's already
+    assert fit_to_data("adm-imagenet64", (3, 64, 64), 1000, {}) == ({}, [])  # the preset's own data
+    net = cm_nets.create("unet-tiny", **fit_to_data("unet-tiny", (3, 16, 16), 0, {})[0])
+    assert net(torch.zeros(2, 3, 16, 16), torch.ones(2)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"model.overrides.in_channels = 1 does not fit .*change data.channels"):
+        fit_to_data("unet-tiny", (3, 8, 8), 0, {"in_channels": 1})
+    with pytest.raises(ValueError, match=r"square images; the data are 8×12 \(set data.resolution\)"):
+        fit_to_data("unet-tiny", (1, 8, 12), 0, {})

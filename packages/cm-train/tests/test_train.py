@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import cm_core
+import numpy as np
 import cm_nets
 import pytest
 import torch
@@ -403,3 +404,29 @@ def test_a_nan_loss_under_fp16_is_still_divergence(tiny_config):
     objective = FlakyObjective(cm_core.create_objective("ict", total_steps=40), bad=set(range(1, 100)))
     with pytest.raises(DivergenceError):
         run(cfg, objective=objective, log=lambda m: None)
+
+
+def test_the_model_is_sized_from_the_data(tmp_path):
+    """digits.toml on a folder of 32×32 RGB images, unconditional: it used to need
+    model.overrides={image_size=32,in_channels=3,out_channels=3,attention_resolutions=[8]} and ended in
+    raw torch errors without them."""
+    from cm_nets.files import save_png
+
+    folder = tmp_path / "faces"
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        save_png(folder / f"{i:03d}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    digits = Path(__file__).parents[1] / "configs" / "digits.toml"
+    over = [f"data.path={folder}", "data.conditional=false", "run.total_steps=5", "run.batch_size=8",
+            f"run.dir={tmp_path / 'r'}", "log.progress=false", "log.sample_count=4"]  # fmt: skip
+    messages = []
+    run(load_config(digits, over), log=messages.append)
+    said = "\n".join(messages)
+    assert "model unet-tiny sized from the data: image_size 8 -> 32, in_channels 1 -> 3, out_channels 1 -> 3" in said
+    assert "attention_resolutions (4,) -> (16,)" in said
+    nets = load_checkpoint(latest_checkpoint(tmp_path / "r"))[0]
+    assert nets["net"]["input_blocks.0.0.weight"].shape[1] == 3
+    # an explicit override that contradicts the data: one line naming the key and the fix
+    with pytest.raises(ConfigError, match=r"model.overrides.image_size = 16 does not fit the data \(3×32×32 images, "
+                       r"unconditional, which needs 32\): drop the override .* or change data.resolution"):  # fmt: skip
+        run(load_config(digits, [*over, "model.overrides={image_size = 16}", f"run.dir={tmp_path / 'q'}"]), log=print)

@@ -36,7 +36,7 @@ from .convert import (
     read_openai_checkpoint,
 )
 from .edm2 import EDM2UNet
-from .presets import PRESETS, create, describe, preset_config, presets
+from .presets import PRESETS, create, describe, fit_to_data, preset_config, presets
 from .serialization import load, read_config, save
 from .small import MLPToy
 from .song import SongUNet
@@ -58,6 +58,7 @@ __all__ = [
     "count_parameters",
     "create",
     "describe",
+    "fit_to_data",
     "edm_architecture",
     "from_edm",
     "from_openai",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,3 +198,73 @@ def create(name: str, **overrides: Any) -> nn.Module:
     module.cm_nets_config = {"preset": name, "overrides": dict(overrides)}
     module.__doc__ = f"{name}: {describe(name)}\n\n{p.factory.__doc__ or ''}"
     return module
+
+
+# Per architecture: the keys that must agree with the data. resolution / channels / classes keys,
+# the value that means "unconditional", and the key listing attention resolutions (scaled with the
+# image size when the data change it).
+_DATA_KEYS = {
+    "ADMUNet": ("image_size", ("in_channels", "out_channels"), "num_classes", None, "attention_resolutions"),
+    "SongUNet": ("img_resolution", ("in_channels", "out_channels"), "label_dim", 0, "attn_resolutions"),
+    "EDM2UNet": ("img_resolution", ("img_channels",), "label_dim", 0, "attn_resolutions"),
+}
+
+
+def fit_to_data(
+    name: str, sample_shape: tuple[int, ...], num_classes: int, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Constructor arguments that size preset ``name`` for data of ``sample_shape`` ([C, H, W] images,
+    or [D] vectors for the MLP) with ``num_classes`` classes (0: unconditional), for every such
+    argument ``overrides`` does not set; and a list of "key old → new" notes for those that differ
+    from the preset. ValueError, naming the key and the fix, when ``overrides`` sets one that does
+    not fit the data. Values equal to the preset's are not returned (the built network is the same)."""
+    p = _get(name)
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(p.factory.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    preset = {**defaults, **p.kwargs}  # what the preset builds without overrides
+    base = {**preset, **overrides}
+    valid = set(valid_arguments(name))
+    want: dict[str, Any] = {}
+    arch = p.factory.__name__
+    if arch in _DATA_KEYS:
+        if len(sample_shape) != 3:
+            raise ValueError(f"preset {name!r} takes images [C, H, W]; the data are {list(sample_shape)}")
+        c, h, w = sample_shape
+        if h != w:
+            raise ValueError(f"preset {name!r} takes square images; the data are {h}×{w} (set data.resolution)")
+        res_key, ch_keys, cls_key, uncond, attn_key = _DATA_KEYS[arch]
+        want[res_key] = h
+        want.update({k: c for k in ch_keys})
+        want[cls_key] = num_classes if num_classes else uncond
+        old_res = preset.get(res_key)
+        if attn_key in valid and attn_key not in overrides and old_res and h != old_res and base.get(attn_key):
+            want[attn_key] = tuple(max(1, int(r * h // old_res)) for r in base[attn_key])
+    elif arch == "MLPToy":
+        want["dim"] = int(math.prod(sample_shape))
+        want["num_classes"] = num_classes or None
+    hints = {"image_size": "data.resolution", "img_resolution": "data.resolution", "in_channels": "data.channels",
+             "out_channels": "data.channels", "img_channels": "data.channels", "dim": "the data"}  # fmt: skip
+    added, notes = {}, []
+    for key, value in want.items():
+        if key in overrides:
+            given = overrides[key]
+            same = (given or None) == (value or None) if key in ("num_classes", "label_dim") else given == value
+            if not same:
+                fix = hints.get(key, "data.conditional / data.num_classes")
+                raise ValueError(
+                    f"model.overrides.{key} = {given!r} does not fit the data ({_describe(sample_shape, num_classes)}, "
+                    f"which needs {value!r}): drop the override to size the model from the data, or change {fix}"
+                )
+            continue
+        if preset.get(key) != value:
+            added[key] = value
+            notes.append(f"{key} {preset.get(key)!r} -> {value!r}")
+    return added, notes
+
+
+def _describe(shape: tuple[int, ...], num_classes: int) -> str:
+    what = f"{shape[0]}×{shape[1]}×{shape[2]} images" if len(shape) == 3 else f"{list(shape)} vectors"
+    return f"{what}, {num_classes} classes" if num_classes else f"{what}, unconditional"

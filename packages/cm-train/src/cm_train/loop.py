@@ -278,10 +278,16 @@ class Trainer:
             )
 
         overrides = dict(cfg.model.overrides)
+        classes = self.dataset.num_classes if cfg.data.conditional else 0
         try:
+            # size, channels and classes from the data unless model.overrides sets them (then they must fit)
+            fitted, notes = cm_nets.fit_to_data(cfg.model.preset, tuple(self.dataset.sample_shape), classes, overrides)
+            overrides = {**fitted, **overrides}
             net = cm_nets.create(cfg.model.preset, **overrides)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"model: {exc}") from None
+        if notes:
+            self.say(f"model {cfg.model.preset} sized from the data: {', '.join(notes)}")
         if cfg.model.init:
             src = cm_nets.load(cfg.model.init)
             try:
