@@ -17,3 +17,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _dataset_check_cache(tmp_path, monkeypatch):
+    """cm-train remembers checked datasets under CM_TRAIN_CACHE: a temporary one per test."""
+    monkeypatch.setenv("CM_TRAIN_CACHE", str(tmp_path / "cm-train-cache"))

@@ -56,7 +56,8 @@ def test_image_folder_with_classes(tmp_path):
     assert y.tolist() == [0, 0, 0, 1, 1, 1] and x.min() >= -1 and x.max() <= 1
 
 
-def test_bad_data_names_the_file(tmp_path):
+def test_bad_data_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CM_TRAIN_CACHE", str(tmp_path / "cache"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images found"):
         build_dataset(DataConfig(source="folder", path=str(tmp_path / "empty")))
@@ -64,13 +65,25 @@ def test_bad_data_names_the_file(tmp_path):
     mixed.mkdir()
     _png(mixed / "a.png", np.zeros((8, 8, 3), np.uint8))
     _png(mixed / "b.png", np.zeros((9, 9, 3), np.uint8))
-    ds = build_dataset(DataConfig(source="folder", path=str(mixed)))
+    # every image is checked before training (it used to fail at the step that drew it)
     with pytest.raises(ValueError, match="b.png has shape"):
-        ds.get(torch.arange(2))
+        build_dataset(DataConfig(source="folder", path=str(mixed)))
+    resized = build_dataset(DataConfig(source="folder", path=str(mixed), resolution=8))  # the advice works
+    assert resized.get(torch.arange(2))[0].shape == (2, 3, 8, 8)
     (mixed / "c.png").write_bytes(b"not a png")
-    ds = build_dataset(DataConfig(source="folder", path=str(mixed)))
     with pytest.raises(ValueError, match="cannot read image .*c.png"):
-        ds.get(torch.tensor([2]))
+        build_dataset(DataConfig(source="folder", path=str(mixed), resolution=8))
+    good = tmp_path / "good"
+    good.mkdir()
+    _png(good / "a.png", np.zeros((8, 8, 3), np.uint8))
+    _png(good / "b.png", np.zeros((8, 8, 3), np.uint8))
+    stamps = lambda: set((tmp_path / "cache" / "checked-datasets").glob("*.ok"))  # noqa: E731
+    before = stamps()
+    build_dataset(DataConfig(source="folder", path=str(good)))  # checked once, remembered
+    assert len(stamps() - before) == 1
+    (good / "b.png").write_bytes((good / "b.png").read_bytes()[:30])  # truncated later: a new check
+    with pytest.raises(ValueError, match="cannot read image .*b.png"):
+        build_dataset(DataConfig(source="folder", path=str(good)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_dataset(DataConfig(source="folder", path=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="needs data.path"):
@@ -108,3 +121,42 @@ def test_npz_adm_layout(tmp_path):
     ds = build_dataset(DataConfig(source="npz", path=str(tmp_path / "ref.npz")))
     assert ds.sample_shape == (3, 6, 6)
     torch.testing.assert_close(ds.x[2, 1], torch.from_numpy(arr[2, :, :, 1]).float() / 127.5 - 1)
+
+
+def test_bad_labels_and_arrays_are_refused_before_training(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    monkeypatch.setenv("CM_TRAIN_CACHE", str(tmp_path / "cache"))
+    npz = tmp_path / "a.npz"
+    np.savez(npz, np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, -1, 2]))
+    with pytest.raises(ValueError, match=r"a.npz: class labels must be >= 0, found -1"):
+        build_dataset(DataConfig(source="npz", path=str(npz), conditional=True))
+    np.savez(npz, np.zeros((4, 8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"a.npz: images have 4 channels .*drop the alpha channel"):
+        build_dataset(DataConfig(source="npz", path=str(npz)))
+    np.savez(npz, np.full((4, 3, 8, 8), 200.0, np.float32))
+    with pytest.raises(ValueError, match=r"float images must lie in \[-1, 1\], these span \[200, 200\]"):
+        build_dataset(DataConfig(source="npz", path=str(npz)))
+    bad = np.zeros((4, 3, 8, 8), np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    np.savez(npz, bad)
+    with pytest.raises(ValueError, match=r"1 image values are NaN or infinite"):
+        build_dataset(DataConfig(source="npz", path=str(npz)))
+    np.savez(npz, np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 2, 3]))
+    with pytest.raises(ConfigError, match=r"data.num_classes = 3, but .*a.npz has label 3: set data.num_classes >= 4"):
+        build_dataset(DataConfig(source="npz", path=str(npz), conditional=True, num_classes=3))
+    for table, match in [
+        ('{"labels": [["0.png", null]]}', r"dataset.json: labels entries must be \[file name, integer label\]"),
+        ('{"labels": [["0.png", -3]]}', r"dataset.json: class labels must be >= 0, found -3"),
+        ("{not json", r"dataset.json is not valid JSON"),
+    ]:
+        path = tmp_path / "d.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            buf = io.BytesIO()
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+            zf.writestr("0.png", buf.getvalue())
+            zf.writestr("dataset.json", table)
+        with pytest.raises(ValueError, match=match):
+            build_dataset(DataConfig(source="zip", path=str(path), conditional=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class LazyImageDataset:
         self._read, self.names, self.name = read, names, name
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = num_classes
+        self.convert = None  # per image, before the size check: data.resolution / data.channels
         first = self._load(0)
         self._shape = tuple(first.shape)
 
@@ -90,6 +92,8 @@ class LazyImageDataset:
         imgs = []
         for i in indices.tolist():
             img = self._load(i)
+            if self.convert is not None:
+                img = self.convert(img[None])[0]
             if tuple(img.shape) != self._shape:
                 raise ValueError(
                     f"{self.name}/{self.names[i]} has shape {tuple(img.shape)} but the first image has "
@@ -120,14 +124,25 @@ def _zip(path: Path) -> LazyImageDataset:
     names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES))
     labels, num_classes = [0] * len(names), 0
     if "dataset.json" in zf.namelist():
-        meta = json.loads(zf.read("dataset.json"))
-        table = meta.get("labels")
+        where = f"{path}: dataset.json"
+        try:
+            meta = json.loads(zf.read("dataset.json"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{where} is not valid JSON ({exc}); fix or remove it") from None
+        table = meta.get("labels") if isinstance(meta, dict) else None
         if table is not None:
-            mapping = dict((n, int(lab)) for n, lab in table)
+            mapping = {}
+            for entry in table:
+                ok = isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
+                lab = entry[1] if ok else None
+                if not ok or isinstance(lab, bool) or not isinstance(lab, int):
+                    raise ValueError(f"{where}: labels entries must be [file name, integer label], got {entry!r}")
+                mapping[entry[0]] = lab
             missing = [n for n in names if n not in mapping]
             if missing:
-                raise ValueError(f"{path}: dataset.json has no label for {missing[0]} ({len(missing)} images)")
+                raise ValueError(f"{where} has no label for {missing[0]} ({len(missing)} images)")
             labels = [mapping[n] for n in names]
+            _check_labels(labels, where)
             num_classes = max(labels) + 1
     return LazyImageDataset(zf.read, names, labels, num_classes, str(path))
 
@@ -144,11 +159,40 @@ def _npz(path: Path) -> ArrayDataset:
     if arr.ndim != 4:
         raise ValueError(f"{path}: images must be [N, H, W, C] (ADM) or [N, C, H, W], got shape {arr.shape}")
     x = torch.from_numpy(arr)
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # channels last (ADM's layout)
         x = x.permute(0, 3, 1, 2)
-    x = x.float() / 127.5 - 1 if arr.dtype == np.uint8 else x.float()
-    lab = torch.from_numpy(np.asarray(labels)).long() if labels is not None else None
+    if x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{path}: images have {x.shape[1]} channels (shape {tuple(arr.shape)}); 1 (grey) or 3 (RGB) are "
+            "supported: drop the alpha channel, e.g. arr[..., :3]"
+        )
+    if arr.dtype == np.uint8:
+        x = x.float() / 127.5 - 1
+    else:
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{path}: {int((~torch.isfinite(x)).sum())} image values are NaN or infinite")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(
+                f"{path}: float images must lie in [-1, 1], these span [{lo:g}, {hi:g}]; store uint8 0..255 "
+                "images (converted here) or scale floats to [-1, 1]"
+            )
+    lab = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or len(labels) != len(arr) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: labels must be {len(arr)} integers, got {labels.dtype} of shape {labels.shape}")
+        _check_labels(labels.tolist(), str(path))
+        lab = torch.from_numpy(labels).long()
     return ArrayDataset(x, lab, int(lab.max()) + 1 if lab is not None else 0, str(path))
+
+
+def _check_labels(labels, where: str) -> None:
+    """Class labels are 0..K-1: a negative one would wrap around in the label embedding."""
+    bad = [lab for lab in labels if lab < 0]
+    if bad:
+        raise ValueError(f"{where}: class labels must be >= 0, found {bad[0]} ({len(bad)} negative)")
 
 
 def _digits() -> ArrayDataset:
@@ -194,16 +238,56 @@ def _resize(ds, cfg: DataConfig):
     if isinstance(ds, ArrayDataset):
         ds.x = convert(ds.x)
         return ds
-    inner_get = ds.get
-    ds.get = lambda idx: _converted(inner_get, idx, convert)
-    probe = convert(inner_get(torch.tensor([0]))[0])
-    ds._shape = tuple(probe.shape[1:])
+    if cfg.channels or cfg.resolution:  # each image on its own, before the size check
+        ds.convert = convert
+        ds._shape = tuple(convert(ds._load(0)[None]).shape[1:])
     return ds
 
 
-def _converted(get, idx, convert):
-    x, y = get(idx)
-    return convert(x), y
+def _check_cache_dir() -> Path:
+    return Path(os.environ.get("CM_TRAIN_CACHE", Path.home() / ".cache" / "cm_train")) / "checked-datasets"
+
+
+def _fingerprint(ds, cfg: DataConfig) -> str:
+    """What a dataset check depends on: the files (names, sizes, modification times) and the settings."""
+    import hashlib
+
+    h = hashlib.sha256(repr((ds.name, cfg.resolution, cfg.channels, len(ds.names))).encode())
+    root = Path(ds.name)
+    if root.is_file():  # a zip: the archive itself
+        st = root.stat()
+        h.update(repr((st.st_size, st.st_mtime_ns)).encode())
+    else:
+        for n in ds.names:
+            st = (root / n).stat()
+            h.update(f"{n}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def validate_images(ds, cfg: DataConfig) -> None:
+    """Decode every image of a folder/zip dataset once before training, with a progress bar: a
+    corrupt or truncated file, an unsupported mode or a size that differs from the first image (without
+    data.resolution) is reported now, naming the file, instead of at the step that draws it. A dataset
+    that passed is remembered (by its files' names, sizes and times) and not decoded again."""
+    if not isinstance(ds, LazyImageDataset):
+        return
+    key = _fingerprint(ds, cfg)
+    stamp = _check_cache_dir() / f"{key}.ok"
+    if stamp.exists():
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    idx = range(len(ds.names))
+    bar = tqdm(idx, desc=f"checking {len(ds.names)} images", unit="img", file=sys.stderr, disable=None) if tqdm else idx
+    for i in bar:
+        ds.get(torch.tensor([i]))  # decodes, converts and checks the size; names the file on failure
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(f"{ds.name}\n")
+    except OSError:
+        pass  # no cache: the check runs again next time
 
 
 def build_dataset(cfg: DataConfig, seed: int = 0):
@@ -221,8 +305,16 @@ def build_dataset(cfg: DataConfig, seed: int = 0):
     if cfg.conditional and ds.num_classes < 2 and not cfg.num_classes:
         raise ConfigError(f"data.conditional = true but {ds.name or cfg.source} has no class labels")
     if cfg.num_classes:
+        top = int(ds.labels.max()) if cfg.conditional and len(ds.labels) else -1
+        if top >= cfg.num_classes:
+            raise ConfigError(
+                f"data.num_classes = {cfg.num_classes}, but {ds.name or cfg.source} has label {top}: set "
+                f"data.num_classes >= {top + 1} (or 0 to take it from the data)"
+            )
         ds.num_classes = cfg.num_classes
-    return _resize(ds, cfg)
+    ds = _resize(ds, cfg)
+    validate_images(ds, cfg)
+    return ds
 
 
 @dataclass
