@@ -47,7 +47,7 @@ def save_figure(path: str, g, data, samples, trajectories) -> bool:
     except ImportError:
         print("matplotlib is not installed: skipping the picture (pip install matplotlib)", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.3))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
     axes[0].scatter(*data[:2000].T, s=2, alpha=0.5)
     axes[0].set_title("data (exact mixture samples)")
     for ax, (name, x) in zip(axes[1:2], samples.items()):
@@ -56,15 +56,15 @@ def save_figure(path: str, g, data, samples, trajectories) -> bool:
     ax = axes[2]
     for traj in trajectories.transpose(0, 1)[:60]:
         ax.plot(*traj.T, lw=0.6, alpha=0.7)
-    ax.scatter(*trajectories[-1, :60].T, s=6, color="k", zorder=3)
-    ax.set_xlim(-5, 5)
-    ax.set_ylim(-5, 5)
-    ax.set_title("PF-ODE trajectories, σ = 3 → 0.002")
-    for a in axes[:2]:
-        a.set_xlim(-3, 3)
-        a.set_ylim(-3, 3)
-    for a in axes:
+    ax.scatter(*trajectories[-1, :60].T, s=8, color="k", zorder=3, label="end points (σ = 0.002)")
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.set_title("PF-ODE trajectories from σ = 3 to 0.002\n(they start outside the data's range)", fontsize=10)
+    for a in axes:  # one range for all three panels, so the clusters line up across them
+        a.set_xlim(-5, 5)
+        a.set_ylim(-5, 5)
         a.set_aspect("equal")
+        a.set_xlabel("x₁")
+        a.set_ylabel("x₂")
     fig.tight_layout()
     # Write next to the target, fsync, then rename: a crash never leaves half a file.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png.tmp")

@@ -135,3 +135,13 @@ def test_sampling_a_damaged_ema_names_the_file_and_the_network_that_verifies(tin
     assert model.network == "net"
     assert torch.isfinite(next(model.function.parameters())).all()
     assert os.path.exists(ema)
+
+
+def test_sampling_says_when_a_newer_checkpoint_lacks_its_meta(tiny_config, tmp_path):
+    from cm_train import load_trained
+
+    _train(tiny_config, tmp_path, steps=20)
+    (latest_checkpoint(tmp_path / "r") / "meta.json").unlink()  # step 20 no longer committed
+    with pytest.warns(UserWarning, match=r"step-00000020 has no meta.json .*skipped; using step-00000010"):
+        model = load_trained(tmp_path / "r")
+    assert model.checkpoint.name == "step-00000010"

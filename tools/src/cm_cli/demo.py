@@ -147,6 +147,10 @@ def check_needs() -> None:
         raise ImportError(f"cm demo needs {what}: pip install {' '.join(d for d, _ in missing)}")
 
 
+# One name per model in every plot legend (report.json keeps its row names).
+DISPLAY = {"teacher": "EDM teacher", "ect": "ECT", "ECT": "ECT", "ict": "iCT", "ICT": "iCT", "bcm": "BCM", "BCM": "BCM"}
+
+
 def run_demo(
     out_dir="demo-out", *, quick: bool = False, overwrite: bool = False, threads: int | None = 1, log=print
 ) -> dict:
@@ -284,7 +288,7 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
             "sigmas": [round(float(s), 4) for s in sigmas],
         }
         rows.append(row)
-        curves.setdefault(name if name == "teacher" else f"{name} (CM)", []).append(row)
+        curves.setdefault(DISPLAY[name], []).append(row)
         path = grids / f"{name}-{nfe}nfe.png"
         cm_eval.save_sample_grid(x[:100], path, ncol=10)
         row["grid"] = str(path.relative_to(work))
@@ -367,8 +371,19 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
         }
         _grid_rows(work / "edits" / "superres.png", [originals, blocky, sharp])
 
-        z = cm_eval.PerImageNoise([11, 12, 13, 14, 15]).randn(shape)
-        z2 = cm_eval.PerImageNoise([21, 22, 23, 24, 25]).randn(shape)
+        # Endpoints that look different: per class, the two of 16 noises whose 1-step samples differ
+        # most (two random noises of one class often give near-identical digits at 8×8).
+        interp_classes = torch.tensor([0, 2, 3, 5, 8])
+        pool = torch.stack([cm_eval.PerImageNoise(range(100 + 16 * i, 116 + 16 * i)).randn(shape) for i in range(5)])
+        with torch.no_grad():
+            looks = f_ect(
+                pool.reshape(-1, *shape) * 80.0,
+                torch.full((5 * 16,), 80.0),
+                class_labels=interp_classes.repeat_interleave(16),
+            ).reshape(5, 16, -1)
+        far = torch.cdist(looks, looks).flatten(1).argmax(1)  # the most different pair per class
+        z = pool[torch.arange(5), far // 16]
+        z2 = pool[torch.arange(5), far % 16]
         alphas = [i / 9 for i in range(10)]
         path_imgs = cm_core.interpolate(
             f_ect,
@@ -377,7 +392,7 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
             alphas,
             [80.0, two_step["ect"]["best"]],
             generator=gen,
-            class_labels=torch.tensor([0, 2, 3, 5, 8]),
+            class_labels=interp_classes,
         )
         # [α, B, ...] → rows = the 5 pairs, columns = α from 0 to 1.
         cm_eval.save_sample_grid(
@@ -436,7 +451,7 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
         log_y=True,
     )
     cm_eval.plot_curves(
-        {n: _loss_curve(work / "runs" / n) for n in runs},
+        {DISPLAY[n]: _loss_curve(work / "runs" / n) for n in runs},
         plots / "training-loss.png",
         xlabel="step",
         ylabel="loss (objective's own units)",
@@ -534,13 +549,17 @@ def _sections(work, budget, quick, rows, columns, table_rows, edits, two_step, t
                 f"Inpainting the lower half: MSE on the unknown pixels {inp['mse_unknown']:.3f} (known pixels "
                 f"{inp['mse_known']:.1e}); the classifier reads the requested class in {100 * inp['class_acc']:.0f} % "
                 f"of the completions vs {100 * inp['class_acc_masked_input']:.0f} % of the masked inputs.",
-                f"2× super-resolution (4×4 block means → 8×8): MSE {sr['mse_input']:.3f} for the blocky input, "
+                f"2× super-resolution (each 2×2 block averaged: 4×4 → 8×8): MSE {sr['mse_input']:.3f} for the blocky input, "
                 f"{sr['mse_output']:.3f} after; class accuracy {100 * sr['class_acc']:.0f} %.",
             ],
             "images": [
                 img("edits/inpaint.png", "rows: held-out digits · lower half hidden · inpainted"),
-                img("edits/superres.png", "rows: held-out digits · 2×2 block means · super-resolved"),
-                img("edits/interpolate.png", "slerp between two noises, α = 0 … 1 left to right (classes 0 2 3 5 8)"),
+                img("edits/superres.png", "rows: held-out digits · 2×2 block means (4×4) · super-resolved"),
+                img(
+                    "edits/interpolate.png",
+                    "slerp between two noises, α = 0 … 1 left to right (classes 0 2 3 5 8; per class the two of "
+                    "16 noises whose samples differ most)",
+                ),
             ],
         },
         {

@@ -131,10 +131,19 @@ def plot_curves(
         ax.annotate(name, (1, level), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if log_x:
-        ax.set_xscale("log")
-    if log_y:
-        ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):  # 2, 3, 4 and 6 × each power of ten, as plain numbers
+        if v <= 0:
+            return ""
+        lead = v / 10 ** math.floor(math.log10(v) + 1e-9)
+        return f"{v:g}" if any(abs(lead - k) < 1e-6 for k in (2, 3, 4, 6)) else ""
+
+    for on, axis, scale in ((log_x, ax.xaxis, ax.set_xscale), (log_y, ax.yaxis, ax.set_yscale)):
+        if on:  # "4" and "0.6", not "4×10⁰" and "6×10⁻¹"
+            scale("log")
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(FuncFormatter(minor))
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -11,13 +11,14 @@ its path. Weights load from safetensors; no pickled code runs.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cm_nets
 import torch
 
-from .checkpoint import CheckpointCorrupt, _sha256, latest_checkpoint
+from .checkpoint import CheckpointCorrupt, _sha256, incomplete_checkpoints, latest_checkpoint
 from .config import Config, load_config
 from .loop import build_function, function_kind_of
 
@@ -82,6 +83,13 @@ def resolve_checkpoint(path) -> Path:
         if (chosen / "meta.json").is_file():
             return chosen
     latest = latest_checkpoint(path)
+    newer = [p for p in incomplete_checkpoints(path) if latest is None or p.name > latest.name]
+    if newer:
+        warnings.warn(
+            f"{', '.join(str(p) for p in newer)} has no meta.json (never committed, or damaged): skipped"
+            + (f"; using {latest.name}" if latest is not None else ""),
+            stacklevel=2,
+        )
     if latest is None:
         raise FileNotFoundError(f"{path} holds no cm-train checkpoint (no meta.json, no checkpoints/step-* folder)")
     return latest
