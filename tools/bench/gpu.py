@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 import train_step
 from cm_kernels import reference
-from timing import forward_backward, forward_only, median_ms
+from timing import cpu_name, forward_backward, forward_only, median_ms
 
 PRESET = "adm-imagenet64-no32-qkv"
 # --tiny: the same preset (class-conditional ADM, QKV-normalized attention at both levels, 32-channel
@@ -338,16 +338,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _driver_version() -> str:
     try:
         out = subprocess.run(
@@ -386,7 +376,7 @@ def machine(device: torch.device, argv: list[str]) -> dict:
             driver=_driver_version(),
         )
     else:
-        info.update(device=f"cpu ({_cpu_name()})", device_detail=f"{os.cpu_count()} logical cores", driver="n/a")
+        info.update(device=f"cpu ({cpu_name()})", device_detail=f"{os.cpu_count()} logical cores", driver="n/a")
     return info
 
 

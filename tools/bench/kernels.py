@@ -37,31 +37,20 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import cm_kernels
 import torch
 import torch.nn.functional as F
 from cm_kernels import reference
-from timing import forward_backward, median_ms
+from cm_nets.files import atomic_write_text
+from timing import cpu_name, forward_backward, median_ms
 
 ATTN_CASES = [(N, d) for N in (64, 256, 1024) for d in (32, 64, 128)]
 QUICK_ATTN_CASES = [(64, 64), (256, 64), (1024, 64), (256, 32), (256, 128)]
 ROWS = 8192  # B * H * N per attention case
 HEADS = 4
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> float:
@@ -165,20 +154,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
@@ -252,9 +227,9 @@ def main(argv=None) -> int:
               "(rerun on an idle machine, or --force)", file=sys.stderr)
         return 3
     if args.json:
-        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     if args.markdown:
-        write_atomic(args.markdown, markdown(result))
+        atomic_write_text(args.markdown, markdown(result))
     return 0
 
 

@@ -8,9 +8,11 @@ input it just wrote is not credited with cache bandwidth.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 import torch
 
@@ -101,3 +103,14 @@ def forward_backward(fn, inputs, grad_inputs) -> Callable[[], None]:
         out.backward(torch.ones_like(out))
 
     return run
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
