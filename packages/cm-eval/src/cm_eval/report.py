@@ -131,7 +131,10 @@ def plot_curves(
         ax.annotate(name, (1, level), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    from matplotlib.ticker import FuncFormatter
+    try:
+        from matplotlib.ticker import FuncFormatter
+    except ImportError as e:  # pragma: no cover - _pyplot() above already needs matplotlib
+        raise ImportError("plots need matplotlib: pip install 'cm-eval[plots]'") from e
 
     def minor(v, _):  # 2, 3, 4 and 6 × each power of ten, as plain numbers
         if v <= 0:
