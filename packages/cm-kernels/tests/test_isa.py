@@ -233,7 +233,7 @@ def test_half_conversions_exact_for_every_finite_value(isa, dtype):
 
 
 def test_pseudo_huber_streaming_aligned_float32(isa):
-    # 4 x 3 x 512 x 512 float32: a 12 MiB gradient (>= 8 MiB: non-temporal stores), every
+    # 4 x 3 x 512 x 512 float32: a 12 MiB gradient (>= 4 MiB: non-temporal stores), every
     # sample and every 2^14-element chunk starting on a vector boundary.
     pred, target = _ph_draw((4, 3, 512, 512), torch.float32, seed=21)
     _ph_check(pred, target, 0.00054 * math.sqrt(3 * 512 * 512), F32_LOSS, F32_GRAD, seed=21)
@@ -244,7 +244,7 @@ def test_pseudo_huber_streaming_unaligned_sliced(isa, dtype):
     # Per-sample size D = 3 * 701 * 1001 (odd): samples 1 and 2 (and their chunks) start off the
     # store alignment, so the streaming path runs its scalar head, its vector body and its scalar
     # tail. pred is a sliced (non-contiguous) view of a larger buffer. Gradient: 25 MB float32,
-    # 12.6 MB bfloat16, both >= 8 MiB.
+    # 12.6 MB bfloat16, all >= 4 MiB.
     g = torch.Generator().manual_seed(22)
     big = torch.randn(3, 4, 701, 1001, generator=g).to(dtype)
     pred = big[:, 1:]

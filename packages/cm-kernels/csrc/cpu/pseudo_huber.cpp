@@ -22,8 +22,10 @@ namespace {
 // One task = one chunk of one sample; partial sums are combined in a fixed order, so results
 // do not depend on the thread count and samples of any size spread over all threads.
 constexpr int64_t kChunk = int64_t{1} << 14;
-// Gradients at least this large are written with streaming stores (see isa_core.h).
-constexpr size_t kStreamBytes = size_t{8} << 20;
+// Gradients at least this large are written with streaming stores (see isa_core.h): through the
+// cache, a 6.3 MB bf16 gradient evicted pred and target, which the next forward then read from DRAM
+// (1 thread: 0.64 ms instead of 1.0-2.0 ms for [256, 3, 64, 64]; bench/RESULTS.md).
+constexpr size_t kStreamBytes = size_t{4} << 20;
 
 // sum (a_i - b_i)^2 and out_i = coef (a_i - b_i): the ISA kernels for float32 and bfloat16,
 // the portable loops otherwise.
