@@ -145,3 +145,37 @@ def test_sampling_says_when_a_newer_checkpoint_lacks_its_meta(tiny_config, tmp_p
     with pytest.warns(UserWarning, match=r"step-00000020 has no meta.json .*skipped; using step-00000010"):
         model = load_trained(tmp_path / "r")
     assert model.checkpoint.name == "step-00000010"
+
+
+def test_a_kill_mid_resave_keeps_a_committed_copy(tmp_path):
+    """Re-saving a step (after a rollback) swaps folders with two renames; a process killed between
+    them leaves the old copy aside. It must survive (its aside name used to be swept as a temporary by
+    the next save) and come back."""
+    import subprocess
+    import sys
+    import textwrap
+
+    nets = {"net": ({"w": torch.ones(3)}, None)}
+    first = ck.save_checkpoint(tmp_path, 10, nets, {"step": 10}, {"metrics": {"loss": 1.0}})
+    script = textwrap.dedent(f"""
+        import os, torch
+        from cm_train import checkpoint as ck
+        real, calls = os.replace, []
+        def replace(src, dst):
+            calls.append(src)
+            if len(calls) == 2:  # the old copy is aside, the new one not in place yet: die here
+                os._exit(9)
+            return real(src, dst)
+        os.replace = replace
+        ck.save_checkpoint({str(tmp_path)!r}, 10, {{"net": ({{"w": torch.zeros(3)}}, None)}}, {{"step": 10}}, {{"metrics": {{}}}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    assert not first.exists() and list((tmp_path / "checkpoints").glob(".step-00000010.old-*"))
+    with pytest.warns(UserWarning, match="restored step-00000010"):
+        got = ck.usable_checkpoint(tmp_path)
+    assert got == first
+    nets, state, meta = load_checkpoint(first)
+    assert torch.equal(nets["net"]["w"], torch.ones(3)) and meta["metrics"] == {"loss": 1.0}  # the old copy, whole
+    ck.save_checkpoint(tmp_path, 20, {"net": ({"w": torch.ones(3)}, None)}, {"step": 20}, {})
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # nothing left aside

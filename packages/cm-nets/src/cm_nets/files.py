@@ -39,6 +39,7 @@ __all__ = [
     "fsync_path",
     "image_grid",
     "load_png",
+    "restore_aside",
     "save_png",
 ]
 
@@ -125,9 +126,10 @@ def atomic_dir(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]:
     """A fresh temporary folder ``.<name>.tmp-<pid>`` beside ``path`` for the block to fill; when
     the block ends without an error it takes ``path``'s place (a folder already there is renamed
     aside, then removed), else it is removed. With ``sync`` everything in it, the folder itself
-    and, after the rename, its parent are fsynced. A killed process leaves only the temporary
-    folder (``.<name>.tmp-<pid>``, or ``.<name>.old.tmp-<pid>`` for the old one while swapping),
-    which the caller may sweep by that name on its next run."""
+    and, after the rename, its parent are fsynced. A killed process leaves the temporary folder
+    (``.<name>.tmp-<pid>``, which the caller may sweep by that name on its next run) or, killed
+    between the two renames of a swap, the previous folder as ``.<name>.old-<pid>``: a whole copy
+    that :func:`restore_aside` puts back when ``path`` is missing (never swept as a temporary)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +148,7 @@ def atomic_dir(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]:
                 fsync_path(entry)
             fsync_path(tmp)
         if path.exists():
-            aside = path.with_name(f".{path.name}.old.tmp-{os.getpid()}")
+            aside = path.with_name(f".{path.name}.old-{os.getpid()}")
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(path, aside)
             try:
@@ -162,6 +164,21 @@ def atomic_dir(path: str | os.PathLike, *, sync: bool = True) -> Iterator[Path]:
         raise
     if sync:
         fsync_path(path.parent)
+
+
+def restore_aside(path: str | os.PathLike) -> Path | None:
+    """After a kill in the middle of an :func:`atomic_dir` swap: when ``path`` is missing, put the
+    previous folder (``.<name>.old-<pid>``) back and return it; when ``path`` exists, the swap had
+    finished, so a leftover previous folder is removed. None when there was nothing to do."""
+    path = Path(path)
+    restored = None
+    for aside in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists():
+            os.replace(aside, path)
+            restored = path
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    return restored
 
 
 # --- PNG -----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "restore_swapped",
     "save_checkpoint",
     "usable_checkpoint",
     "verify_checkpoint",
@@ -103,11 +104,25 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     return meta
 
 
+def restore_swapped(run_dir: str | os.PathLike, say=None) -> list[Path]:
+    """Checkpoints a kill left renamed aside in the middle of a same-step re-save (``.step-….old-<pid>``,
+    a whole committed copy) are put back where their ``step-…`` folder is missing."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    names = {p.name.split(".old-")[0].lstrip(".") for p in root.glob(".step-*.old-*")}
+    back = [p for n in sorted(names) if (p := files.restore_aside(root / n)) is not None]
+    for p in back:
+        (say or (lambda m: warnings.warn(m, stacklevel=3)))(f"restored {p.name}, left aside by an interrupted re-save")
+    return back
+
+
 def usable_checkpoint(run_dir: str | os.PathLike, say=None) -> Path | None:
     """The newest checkpoint that verifies; each newer one that does not is reported through
     ``say`` (or a warning) by file and reason, and left in place. None when there is none at all;
     CheckpointCorrupt when checkpoints exist but none verifies."""
     tell = say or (lambda m: warnings.warn(m, stacklevel=3))
+    restore_swapped(run_dir, say=tell)
     for folder in incomplete_checkpoints(run_dir):
         tell(f"{folder} has no meta.json (never committed, or damaged): skipped")
     bad = []
@@ -144,6 +159,7 @@ def save_checkpoint(
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    restore_swapped(run_dir)
     for stale in root.glob(".step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:08d}"
