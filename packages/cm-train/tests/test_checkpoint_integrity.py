@@ -129,7 +129,7 @@ def test_sampling_a_damaged_ema_names_the_file_and_the_network_that_verifies(tin
     ckpt = latest_checkpoint(tmp_path / "r")
     ema = next(ckpt.glob("ema-*.safetensors"))
     _flip_byte(ema)
-    with pytest.raises(CheckpointCorrupt, match=rf"{ema.name}: does not match .*these verify: net.* --network"):
+    with pytest.raises(CheckpointCorrupt, match=rf"{ema.name}: its contents differ from the checksum .*these verify: net.* --network"):
         load_trained(tmp_path / "r")
     model = load_trained(tmp_path / "r", network="net")  # the named alternative works
     assert model.network == "net"

@@ -304,16 +304,30 @@ static void normalize_bwd_rows(const float* x, const float* g, float* out, int64
   }
 }
 
+// float32 / bfloat16 (as its 16 bits) -> float32: W lanes, or one value.
+template <typename T>
+static inline vf load_as_f32(const T* p);
+template <>
+inline vf load_as_f32<float>(const float* p) {
+  return load(p);
+}
+template <>
+inline vf load_as_f32<uint16_t>(const uint16_t* p) {
+  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  return reinterpret_cast<const vf&>(w);
+}
+static inline float scalar_as_f32(float x) { return x; }
+static inline float scalar_as_f32(uint16_t x) {
+  const uint32_t w = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+
 static void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(src + i), vu) << 16;
-    store(dst + i, reinterpret_cast<const vf&>(w));
-  }
-  for (; i < n; ++i) {
-    const uint32_t w = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &w, 4);
-  }
+  for (; i + W <= n; i += W) store(dst + i, load_as_f32(src + i));
+  for (; i < n; ++i) dst[i] = scalar_as_f32(src[i]);
 }
 
 // Round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16).
@@ -335,25 +349,6 @@ static void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
 
 // ---------------------------------------------------------------------------------------------
 // Pseudo-Huber: sum of squared differences (forward) and the scaled difference (backward).
-
-template <typename T>
-static inline vf load_as_f32(const T* p);
-template <>
-inline vf load_as_f32<float>(const float* p) {
-  return load(p);
-}
-template <>
-inline vf load_as_f32<uint16_t>(const uint16_t* p) {
-  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
-  return reinterpret_cast<const vf&>(w);
-}
-static inline float scalar_as_f32(float x) { return x; }
-static inline float scalar_as_f32(uint16_t x) {
-  const uint32_t w = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &w, 4);
-  return f;
-}
 
 template <typename T>
 static double sumsq_diff(const T* a, const T* b, int64_t n) {

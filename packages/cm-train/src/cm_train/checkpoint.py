@@ -33,6 +33,7 @@ from cm_nets import files
 __all__ = [
     "CheckpointCorrupt",
     "atomic_write_text",
+    "first_bad_file",
     "incomplete_checkpoints",
     "latest_checkpoint",
     "list_checkpoints",
@@ -95,13 +96,24 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         meta = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointCorrupt(meta_path, f"unreadable ({exc})") from None
-    for name, digest in (meta.get("files") or {}).items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointCorrupt(f, "missing")
-        if _sha256(f) != digest:
-            raise CheckpointCorrupt(f, "its contents differ from the checksum written with it (truncated or altered)")
+    bad = first_bad_file(path, meta)
+    if bad is not None:
+        raise CheckpointCorrupt(path / bad[0], bad[1])
     return meta
+
+
+def first_bad_file(path: Path, meta: dict, names=None) -> tuple[str, str] | None:
+    """(file name, reason) of the first of ``names`` (default: every file the checkpoint records)
+    that is missing or differs from its recorded sha256; None when they all verify. Files the
+    checkpoint records no checksum for are not checked."""
+    sums = meta.get("files") or {}
+    for name in sums if names is None else [n for n in names if n in sums]:
+        f = Path(path) / name
+        if not f.is_file():
+            return name, "missing"
+        if _sha256(f) != sums[name]:
+            return name, "its contents differ from the checksum written with it (truncated or altered)"
+    return None
 
 
 def restore_swapped(run_dir: str | os.PathLike, say=None) -> list[Path]:

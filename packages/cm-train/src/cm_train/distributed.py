@@ -22,7 +22,6 @@ __all__ = [
     "init",
     "shutdown",
     "GradSync",
-    "all_finite",
     "barrier",
     "broadcast_",
     "mean_scalar",
@@ -218,15 +217,6 @@ class GradSync:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         self.armed, self._work, self._launched = False, [], set()
-
-
-def all_finite(flag: bool, device: torch.device) -> bool:
-    """True only when ``flag`` holds on every rank (a collective: every rank must call it)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:

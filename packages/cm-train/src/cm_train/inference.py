@@ -18,7 +18,7 @@ from pathlib import Path
 import cm_nets
 import torch
 
-from .checkpoint import CheckpointCorrupt, _sha256, incomplete_checkpoints, latest_checkpoint
+from .checkpoint import CheckpointCorrupt, first_bad_file, incomplete_checkpoints, latest_checkpoint
 from .config import Config, load_config
 from .loop import build_function, function_kind_of
 
@@ -110,21 +110,16 @@ def _pick_network(ckpt: Path, network: str) -> str:
 def _verify_network(ckpt: Path, meta: dict, name: str) -> None:
     """Check the chosen network's files against the checkpoint's checksums; when they fail, say
     which other network of the checkpoint does verify (``--network``)."""
-    sums = meta.get("files") or {}
-
-    def bad(stem: str) -> str | None:
-        for fname in (f"{stem}.safetensors", f"{stem}.json"):
-            if fname in sums and (not (ckpt / fname).is_file() or _sha256(ckpt / fname) != sums[fname]):
-                return fname
-        return None
+    def bad(stem: str) -> tuple[str, str] | None:
+        return first_bad_file(ckpt, meta, [f"{stem}.safetensors", f"{stem}.json"])
 
     broken = bad(name)
     if broken is None:
         return
-    others = sorted(p.stem for p in ckpt.glob("*.safetensors") if p.stem not in (name,) and not p.stem.startswith("extra-"))
+    others = sorted(p.stem for p in ckpt.glob("*.safetensors") if p.stem != name and not p.stem.startswith("extra-"))
     good = [o for o in others if bad(o) is None]
     hint = f"; these verify: {', '.join(good)} (choose one with --network)" if good else ""
-    raise CheckpointCorrupt(ckpt / broken, f"does not match the checksum written with it (truncated or altered){hint}")
+    raise CheckpointCorrupt(ckpt / broken[0], f"{broken[1]}{hint}")
 
 
 def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:

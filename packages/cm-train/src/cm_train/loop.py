@@ -562,12 +562,9 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
         for cb in self.callbacks:
             cb.on_train_start(self)
-        total = cfg.run.total_steps
-        t_last, n_last, last = time.time(), state.step, {}
-        sigma_loss: list[tuple[torch.Tensor, torch.Tensor]] = []  # (σ, loss) per sample since the last log line
         with _StopSignals() as stop:
-            self._loop(stop, total, t_last, n_last, last, sigma_loss)
-        return self._finish()
+            last = self._loop(stop)
+        return self._finish(last)
 
     def _stop_requested(self, stop: _StopSignals) -> str | None:
         """The signal that asked to stop, agreed by all ranks (any rank's signal stops every rank).
@@ -580,8 +577,12 @@ class Trainer:
             code = int(distributed.max_scalar(float(code), self.device))
         return stop.NAMES[code - 1] if code else None
 
-    def _loop(self, stop: _StopSignals, total: int, t_last: float, n_last: int, last: dict, sigma_loss: list) -> None:
+    def _loop(self, stop: _StopSignals) -> dict:
+        """Train to run.total_steps (or an early stop); the last logged record."""
         cfg, state = self.cfg, self.state
+        total = cfg.run.total_steps
+        t_last, n_last, last = time.time(), state.step, {}
+        sigma_loss: list[tuple[torch.Tensor, torch.Tensor]] = []  # (σ, loss) per sample since the last log line
         while state.step < total:
             step = state.step
             lr = _lr_at(cfg, step, total) * state.lr_factor
@@ -625,10 +626,10 @@ class Trainer:
                 path = done if done is not None and done.name == f"step-{state.step:08d}" else self.save(last)
                 self.say(f"{signame} received: checkpoint {path} committed at step {state.step}")
                 raise Interrupted(signame, state.step, path)
-        self._last = last
+        return last
 
-    def _finish(self) -> dict:
-        cfg, state, last = self.cfg, self.state, self._last
+    def _finish(self, last: dict) -> dict:
+        cfg, state = self.cfg, self.state
         for cb in self.callbacks:
             cb.on_train_end(self)
         if self._resumed_at == state.step:  # a finished run run again: its checkpoints stay as they are
