@@ -599,3 +599,13 @@ def test_unwritable_output_names_the_users_file(tmp_path, monkeypatch):
     monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     with pytest.raises(PermissionError, match=rf"cannot write {re.escape(str(ro / 'i.png'))}: Permission denied"):
         files.atomic_write_bytes(ro / "i.png", b"x")
+
+
+def test_threads_option_reaches_the_training_run(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        result = ok(cm("--threads", "2", "train", str(DIGITS), f"run.dir={tmp_path / 'run'}", *TINY))
+    finally:
+        torch.set_num_threads(before)
+    assert "cpu threads: 2 (run.threads = 2)" in result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["threads"] == 2

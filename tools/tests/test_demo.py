@@ -52,6 +52,8 @@ def test_cm_demo_quick_end_to_end(tmp_path):
     assert partial["mse"] < inv["mse_fresh_noise"]  # inversion keeps information about the image
     # The printed table and the page.
     assert "FD-digits" in result.output and "report.html" in result.output
+    # Every training run used the demo's one thread (not cm-train's own choice from the free cores).
+    assert result.output.count("cpu threads: 1 (run.threads = 1)") == 4
     html = (out / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,', html)
     assert len(images) == len(rows) + 4 + 3 + 1  # sample grids, 4 plots, 3 edits, BCM pairs: nothing missing

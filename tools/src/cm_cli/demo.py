@@ -89,7 +89,12 @@ INVERSIONS = [
 def _config(out: Path, name: str, steps: int, budget: DemoBudget, *, objective: dict, model: dict, lr: float):
     return load_config(
         {
-            "run": {"dir": str(out / "runs" / name), "total_steps": steps, "batch_size": budget.batch_size},
+            "run": {
+                "dir": str(out / "runs" / name),
+                "total_steps": steps,
+                "batch_size": budget.batch_size,
+                "threads": torch.get_num_threads(),  # the demo's count (run_demo), not cm-train's own choice
+            },
             "data": {"source": "digits", "conditional": True},
             "model": {"preset": "mlp-digits", "c_noise": "edm", **model},
             "objective": objective,

@@ -92,7 +92,7 @@ class _Failure(click.ClickException):
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads for torch (torch.set_num_threads); default: torch's own choice.",
+    help="CPU threads for torch; default: torch's choice, and for `cm train` the free cores (run.threads).",
 )
 @click.version_option(__version__, prog_name="cm")
 @click.pass_context
@@ -103,7 +103,7 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
     Example:
       cm sample runs/digits-ict --nfe 2 --num 64 --out samples.npz
     """
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "threads": threads}
     if not debug:  # a library warning is one `warning: …` line, like the errors (no source line)
         warnings.formatwarning = lambda message, category, *a, **k: f"warning: {_one_line(message)}\n"
     if threads is not None:

@@ -49,6 +49,7 @@ class RunConfig:
     grad_bucket_mb: float = 25.0  # gradient all-reduce buckets (MB), launched during backward as they fill
     resume: bool = True  # continue from the run folder's latest checkpoint when there is one
     allow_config_change: bool = False  # resume although run length, optimizer, ... changed (logged)
+    threads: int = 0  # CPU threads; 0: OMP_NUM_THREADS, else the free cores (cm_train.threads); 1 is bit-exact
 
 
 @dataclass
@@ -376,6 +377,7 @@ _RANGES = {
     "run.batch_size": (1, True, None, False, "the global batch"),
     "run.batch_per_rank": (0, True, None, False, "0 = the global batch / ranks"),
     "run.grad_bucket_mb": (0, False, None, False, "MB per all-reduce bucket"),
+    "run.threads": (0, True, None, False, "0 chooses from the free cores"),
     "data.resolution": (0, True, None, False, "0 keeps the dataset's size"),
     "data.channels": (0, True, None, False, "0 keeps the dataset's channels; 1 or 3 converts"),
     "data.num_classes": (0, True, None, False, "0 takes it from the dataset"),
@@ -394,7 +396,7 @@ _RANGES = {
     "checkpoint.early_stop_patience": (0, True, None, False, "0 = never"),
     "log.every": (1, True, None, False, ""),
     "log.sample_every": (0, True, None, False, "0 = only at the end"),
-    "log.sample_count": (0, True, None, False, ""),
+    "log.sample_count": (0, True, None, False, "0 = no sample grids"),
     "guard.max_bad_steps": (1, True, None, False, ""),
     "guard.window": (1, True, None, False, ""),
     "guard.lr_factor": (0, False, 1, True, ""),
@@ -414,7 +416,7 @@ _RESUME_FIXED = (
     "data.conditional", "data.num_classes", "data.gmm_components", "data.gmm_dim", "ema", "precision.mode",
 )  # fmt: skip
 _RESUME_FREE = ("run.dir", "run.device", "run.resume", "run.compile", "run.allow_config_change",
-                "run.grad_bucket_mb", "log.", "checkpoint.", "model.sample_")  # fmt: skip
+                "run.grad_bucket_mb", "run.threads", "log.", "checkpoint.", "model.sample_")  # fmt: skip
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -20,7 +20,7 @@ import cm_kernels
 import cm_nets
 import torch
 
-from . import distributed
+from . import distributed, threads
 from .callbacks import (
     BestCheckpoint,
     Callback,
@@ -255,6 +255,11 @@ class Trainer:
         self.info = distributed.init(cfg.run.device)
         self.device = self.info.device
         self.run_dir = Path(cfg.run.dir)
+        if self.device.type == "cpu" or cfg.run.threads:
+            ranks = threads.local_ranks() if self.info.world > 1 else 1
+            count, why = threads.choose_threads(cfg.run.threads, ranks=ranks)
+            torch.set_num_threads(count)
+            self.say(f"cpu threads: {count} ({why})")
         if self.device.type == "cpu":  # reuse freed activation/gradient blocks instead of page-faulting fresh ones
             tuned = cm_kernels.tune_cpu_allocator()
             if tuned["applied"]:
@@ -387,8 +392,8 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> list[Path]:
-        if not self.info.is_main or self.fixed_noise.ndim != 4:
-            return []
+        if not self.info.is_main or self.fixed_noise.ndim != 4 or not len(self.fixed_noise):
+            return []  # log.sample_count = 0: no grids
         f = self.sampling_function()
         z = self.fixed_noise.to(self.device)
         cond = self.cond(self.fixed_labels)
@@ -663,8 +668,10 @@ def run(
 
     ``objective``: an objective instance instead of ``config.objective``; ``metrics``: best-checkpoint
     metrics beyond "loss" by name (``checkpoint.best_metric``); ``callbacks``: more :class:`Callback`s."""
-    trainer = Trainer(config, objective=objective, log=log, metrics=metrics, callbacks=callbacks)
+    before = torch.get_num_threads()  # the Trainer sets the run's thread count; the caller gets theirs back
     try:
+        trainer = Trainer(config, objective=objective, log=log, metrics=metrics, callbacks=callbacks)
         return trainer.train()
     finally:
+        torch.set_num_threads(before)
         distributed.shutdown()

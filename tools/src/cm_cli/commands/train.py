@@ -8,8 +8,12 @@ import click
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-def train(config: str, overrides: tuple[str, ...]) -> None:
+@click.pass_context
+def train(ctx: click.Context, config: str, overrides: tuple[str, ...]) -> None:
     """Train a model as CONFIG (.toml/.json/.yaml) says, with KEY=VALUE overrides.
+
+    CPU threads: `cm --threads N train ...` or run.threads=N; by default the cores not kept busy by
+    other processes (the log says how many and why; 1 thread repeats results bit-for-bit).
 
     Runs unchanged on one process or under `mpiexec -n 8`, `srun` or `torchrun --nproc_per_node 8`
     (cm_train reads the launcher's environment). A run folder that already holds checkpoints is
@@ -26,6 +30,9 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
     for item in overrides:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. run.total_steps=2000)", param_hint="OVERRIDES")
+    threads = (ctx.obj or {}).get("threads")
+    if threads and not any(item.startswith("run.threads=") for item in overrides):
+        overrides = (*overrides, f"run.threads={threads}")
     cfg = cm_train.load_config(config, list(overrides))
     result = cm_train.run(cfg, metrics=METRICS)
     last = result.get("metrics") or {}
