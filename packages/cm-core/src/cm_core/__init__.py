@@ -26,6 +26,7 @@ from .ema import (
     power_function_ema,
     sigma_rel_to_gamma,
 )
+from .discrete import DiscreteVP, LatentConsistencyFunction, lcm_grid, lcm_inference_timesteps, lcm_scalings
 from .functions import FUNCTIONS, FunctionKind, function_kind, register_function
 from .gaussian import GaussianMixture
 from .losses import (
@@ -89,6 +90,11 @@ __all__ = [
     "EDM_HEUN_STEPS",
     "FUNCTIONS",
     "FunctionKind",
+    "DiscreteVP",
+    "LatentConsistencyFunction",
+    "lcm_grid",
+    "lcm_inference_timesteps",
+    "lcm_scalings",
     "GaussianMixture",
     "ICT_TARGET_EMA",
     "Identity",

@@ -7,6 +7,9 @@ none of them needs to know the objective. Built in:
   "consistency"  f(x, σ): :class:`~cm_core.ConsistencyFunction` (CT, iCT, CD, ECT, Direct CM)
   "bcm"          f(x, σ, σ_end): :class:`~cm_core.BidirectionalConsistencyFunction` (BCM); with
                  σ_end = σ_min it is a consistency function, so the consistency samplers fit too
+  "latent-consistency"  LCM's f(x_t, t) on a text-to-image model's discrete timesteps
+                 (:class:`~cm_core.discrete.LatentConsistencyFunction`; lcm, latent-direct-cm),
+                 sampled by "lcm" (diffusers' LCMScheduler), its "σ list" being timesteps
   "diffusion"    a denoiser D(x, σ): :class:`~cm_core.EDMDenoiser` (EDM, CDM), sampled by solving
                  the PF-ODE
 
@@ -20,8 +23,9 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .discrete import LatentConsistencyFunction, lcm_inference_timesteps, lcm_sample
 from .parameterization import BidirectionalConsistencyFunction, ConsistencyFunction, EDMDenoiser
-from .sampling import SAMPLERS
+from .sampling import SAMPLERS, Sampler, register_sampler
 
 __all__ = ["FunctionKind", "FUNCTIONS", "register_function", "function_kind"]
 
@@ -103,5 +107,32 @@ register_function(
         samplers=("heun",),
         default_sampler="heun",
         doc="a denoiser D(x, σ) (EDM preconditioning), sampled by solving the PF-ODE",
+    )
+)
+
+
+def _lcm_run(f, z, timesteps, *, generator=None, randn_like=None, clip=None, **cond):
+    x = lcm_sample(f, f.vp, z, timesteps, generator=generator, randn_like=randn_like, **cond)
+    return x if clip is None else x.clamp(-clip, clip)
+
+
+register_sampler(
+    Sampler(
+        "lcm",
+        _lcm_run,
+        lambda n, sigma_min, sigma_max, recipe: lcm_inference_timesteps(n).tolist(),
+        lambda ts, options: len(ts),
+        default_count=4,
+        doc="LCMScheduler: x = f(z, t_0), then x = f(√ᾱ_t·x + √(1−ᾱ_t)·ε, t) for each next timestep t "
+        "(its list holds discrete timesteps, descending, not σ values)",
+    )
+)
+register_function(
+    FunctionKind(
+        "latent-consistency",
+        lambda net, *, sigma_data, sigma_min, c_noise, boundary: LatentConsistencyFunction(net, sigma_data),
+        samplers=("lcm",),
+        default_sampler="lcm",
+        doc="LCM's f(x_t, t) on a text-to-image model's discrete timesteps (LoRA on a diffusers UNet)",
     )
 )

@@ -27,6 +27,7 @@ from .consistency import (
     ImprovedConsistencyTraining,
 )
 from .diffusion import ConsistentDiffusion, EDMDenoising
+from .latent import LatentConsistencyDistillation, LatentDirectConsistency
 
 for _name, _cls in {
     "ct": ConsistencyTraining,
@@ -37,6 +38,8 @@ for _name, _cls in {
     "direct-cm": DirectConsistencyDistillation,
     "edm": EDMDenoising,
     "cdm": ConsistentDiffusion,
+    "lcm": LatentConsistencyDistillation,
+    "latent-direct-cm": LatentDirectConsistency,
 }.items():
     register_objective(_name, _cls)
 
@@ -56,4 +59,6 @@ __all__ = [
     "DirectConsistencyDistillation",
     "EDMDenoising",
     "ConsistentDiffusion",
+    "LatentConsistencyDistillation",
+    "LatentDirectConsistency",
 ]
