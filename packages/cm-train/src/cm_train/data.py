@@ -1,9 +1,10 @@
 """Datasets and the deterministic, resumable, rank-sharded batch stream.
 
 Every dataset yields images as float tensors in [−1, 1], shape [C, H, W] (or vectors [d] for
-the toy mixture), with integer class labels (0 when unlabelled). The global batch at a given
-(epoch, position) is the same whatever the number of ranks; each rank takes its slice, so one
-rank and many ranks train on identical data.
+the toy mixture), with integer class labels (0 when unlabelled); caption data and latent caches
+(``cm_train.captions``) carry prompts instead, and their labels are item indices. The global batch
+at a given (epoch, position) is the same whatever the number of ranks; each rank takes its slice,
+so one rank and many ranks train on identical data.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cm_nets import files
 
+from .captions import CaptionDataset, LatentDataset
 from .config import ConfigError, DataConfig
 
-__all__ = ["ArrayDataset", "LazyImageDataset", "build_dataset", "BatchStream", "StreamState"]
+__all__ = [
+    "ArrayDataset",
+    "LazyImageDataset",
+    "CaptionDataset",
+    "LatentDataset",
+    "build_dataset",
+    "BatchStream",
+    "StreamState",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -290,7 +301,65 @@ def validate_images(ds, cfg: DataConfig) -> None:
         pass  # no cache: the check runs again next time
 
 
+def validate_captions(ds: CaptionDataset) -> None:
+    """Read every caption image's header once before training, with a progress bar (the captions
+    were all read when the dataset was built): a missing or unreadable image is reported now, naming
+    the file. A dataset that passed is remembered, like in validate_images, by its files' paths,
+    sizes and times."""
+    try:
+        stamp = _check_cache_dir() / f"{ds.fingerprint()}.ok"
+    except OSError:  # a listed image is missing: the check below names it
+        stamp = None
+    if stamp is not None and stamp.exists():
+        return
+    ds.read_headers(progress=True)
+    if stamp is not None:
+        try:
+            files.atomic_write_text(stamp, f"{ds.name}\n")
+        except OSError:
+            pass  # no cache: the check runs again next time
+
+
+def _text_image_dataset(cfg: DataConfig):
+    """data.source = captions | latents: (image, prompt) pairs for text-to-image distillation. Not
+    class data: no class labels (labels are item indices for conditioning()), no _resize (captions
+    resize and center-crop to data.resolution themselves, as diffusers' SDXL scripts do)."""
+    if not cfg.path:
+        what = {
+            "captions": "a folder of images with same-stem .txt captions, or a .jsonl/.csv/.parquet manifest",
+            "latents": "a folder written by cm_train.captions.cache_latents",
+        }[cfg.source]
+        raise ConfigError(f"data.source = {cfg.source!r} needs data.path: {what}")
+    if cfg.num_classes:
+        raise ConfigError(f"data.num_classes = {cfg.num_classes}: {cfg.source} data have prompts, not classes; set 0")
+    path = Path(os.path.expanduser(cfg.path))
+    if cfg.source == "latents":
+        ds = LatentDataset(path)
+        if cfg.resolution and cfg.resolution != ds.resolution:
+            raise ConfigError(
+                f"data.resolution = {cfg.resolution}, but the latents in {path} were cached from {ds.resolution}-pixel "
+                f"crops: set data.resolution = {ds.resolution} (or 0), or cache the images again at {cfg.resolution}"
+            )
+        if cfg.channels and cfg.channels != ds.sample_shape[0]:
+            raise ConfigError(
+                f"data.channels = {cfg.channels}, but the latents in {path} have {ds.sample_shape[0]} channels: set 0"
+            )
+        return ds
+    if not cfg.resolution:
+        raise ConfigError(
+            "data.source = 'captions' needs data.resolution, the square crop in pixels: "
+            "e.g. 1024 for SDXL, 512 for SD 1.5"
+        )
+    if cfg.channels not in (0, 3):
+        raise ConfigError(f"data.channels = {cfg.channels}: caption images are RGB; set 0 or 3")
+    ds = CaptionDataset(path, cfg.resolution)
+    validate_captions(ds)
+    return ds
+
+
 def build_dataset(cfg: DataConfig, seed: int = 0):
+    if cfg.source in ("captions", "latents"):
+        return _text_image_dataset(cfg)
     if cfg.source == "digits":
         ds = _digits()
     elif cfg.source == "gmm":
@@ -301,7 +370,9 @@ def build_dataset(cfg: DataConfig, seed: int = 0):
         path = Path(os.path.expanduser(cfg.path))
         ds = {"folder": _folder, "zip": _zip, "npz": _npz}[cfg.source](path)
     else:
-        raise ConfigError(f"data.source must be one of digits, gmm, folder, zip, npz; got {cfg.source!r}")
+        raise ConfigError(
+            f"data.source must be one of digits, gmm, folder, zip, npz, captions, latents; got {cfg.source!r}"
+        )
     if cfg.conditional and ds.num_classes < 2 and not cfg.num_classes:
         raise ConfigError(f"data.conditional = true but {ds.name or cfg.source} has no class labels")
     if cfg.num_classes:
