@@ -53,6 +53,8 @@ IMPORT_TO_DIST: dict[str, tuple[str, ...]] = {
     "matplotlib": ("matplotlib",),
     "tensorboard": ("tensorboard",),
     "flash_attn": ("flash-attn",),
+    "open_clip": ("open-clip-torch",),
+    "pyarrow": ("pyarrow",),
     "xformers": ("xformers",),
     "diffusers": ("diffusers",),
     "transformers": ("transformers",),

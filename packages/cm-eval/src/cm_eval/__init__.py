@@ -13,6 +13,7 @@ from .features import compute_stats, digits_class_accuracy, extract, fd_digits, 
 from .inception import FIDInceptionV3, inception_fid
 from .inversion import inversion_error, psnr
 from .metrics import class_accuracy, inception_score, knn_radii, precision_recall
+from .noise import load_noise, make_noise, save_noise
 from .ode_error import default_teacher_sigmas, ode_solving_error, teacher_solutions
 from .report import format_table, html_report, plot_curves, plot_image_panels
 from .sampling import SAMPLERS, PerImageNoise, generate, parse_seeds, sample_batch
@@ -70,9 +71,11 @@ __all__ = [
     "knn_radii",
     "load_digits_data",
     "load_image_folder",
+    "load_noise",
     "load_png",
     "load_reference_batch",
     "load_stats",
+    "make_noise",
     "nfe_sweep",
     "ode_solving_error",
     "parse_seeds",
@@ -83,6 +86,7 @@ __all__ = [
     "psnr",
     "sample_batch",
     "sample_images",
+    "save_noise",
     "save_png",
     "save_reference_batch",
     "save_sample_grid",

@@ -1,5 +1,6 @@
 """``cm eval``: sample-quality and model metrics (FID, FD-DINOv2, precision/recall, IS, digits, inversion,
-ODE solving error, NFE sweeps). Nothing is downloaded: feature-extractor weights come from paths given."""
+ODE solving error, NFE sweeps) and fixed initial-noise files (make-noise). Nothing is downloaded:
+feature-extractor weights come from paths given."""
 
 from __future__ import annotations
 
@@ -400,6 +401,45 @@ def sweep(checkpoint, metric, nfe_list, num, out, batch_size, network, device, j
         json_path,
         overwrite,
     )
+
+
+def _noise_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(
+            f"{text!r} is not a shape; give one image's sizes as positive integers, e.g. 4,128,128",
+            param_hint="--shape",
+        )
+    return shape
+
+
+@evaluate.command("make-noise")
+@click.option("--shape", required=True, help="One image's noise shape, comma-separated, e.g. 4,128,128 (SDXL latents).")
+@click.option("--num", type=click.IntRange(min=1), required=True, help="Number of images.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True, help="Noise seed.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The noise file (.pt) to write.")
+@overwrite_option
+def make_noise(shape, num, seed, out, overwrite):
+    """Write fixed initial noise [NUM, *SHAPE] (float32) for text-to-image evaluation.
+
+    Image i's noise depends only on (--seed, i): the first k images of a file are those of
+    a file made with --num k. The file holds only tensors and plain values (cm_eval.load_noise
+    reads it with torch.load(weights_only=True)).
+
+    \b
+    Example:
+      cm eval make-noise --shape 4,128,128 --num 10000 --seed 0 --out init_noise.pt
+    """
+    import cm_eval
+
+    shape = _noise_shape(shape)
+    out = check_out(out, overwrite)
+    noise = cm_eval.make_noise(shape, num, seed)
+    cm_eval.save_noise(out, noise, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {out}: noise {'×'.join(map(str, noise.shape))} float32, seed {seed}")
 
 
 COMMANDS = [evaluate]
