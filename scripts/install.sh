@@ -48,10 +48,11 @@ else
     # shellcheck disable=SC2086  # TORCH_SPEC holds one or more requirements
     pip_install $TORCH_SPEC "numpy>=1.23" "setuptools>=64" wheel "ninja>=1.11" "pybind11>=2.12" \
         "pytest>=7" "scipy>=1.9" "matplotlib>=3.7" "scikit-learn>=1.0" "pillow>=9" "pyyaml>=6" \
-        "mpi4py>=3.1" mpich "click>=8.1" "tqdm>=4.60" "safetensors>=0.4" "packaging>=23"
+        "mpi4py>=3.1" mpich "click>=8.1" "tqdm>=4.60" "safetensors>=0.4" "packaging>=23" \
+        "diffusers>=0.30" "transformers>=4.40" "peft>=0.13" "pyarrow>=12"  # SD/SDXL LoRA distillation, parquet
     if .venv/bin/python -c "import torchvision" 2>/dev/null; then
         # FD-DINOv2 (cm-eval[dino]) and the LPIPS package (cm-core[lpips]) both need torchvision.
-        pip_install "timm>=0.9" "lpips>=0.1.4"
+        pip_install "timm>=0.9" "lpips>=0.1.4" "open-clip-torch>=2.20"
     else
         echo "[install] no torchvision with $TORCH_SPEC: timm and lpips not installed (their tests will skip)"
     fi

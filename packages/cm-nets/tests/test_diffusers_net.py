@@ -75,7 +75,7 @@ def test_guided_teacher_ode_solve_equals_the_pipeline(folder, guidance):
     ts = D.lcm_grid(1000, 5).flip(0).tolist() + [0]
     x = z.clone()
     for t, tp in zip(ts, ts[1:]):
-        x = D.solver_step(net.schedule, lambda a, b: f.teacher_x0_eps(a, b, emb, guidance), x,
+        x = D.solver_step(f.vp, lambda a, b: f.teacher_x0_eps(a, b, emb, guidance), x,
                           torch.full((2,), t), torch.full((2,), tp))  # fmt: skip
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=2e-4)
 
@@ -98,10 +98,10 @@ def test_lora_round_trips_into_diffusers_and_reproduces_lcm_samples(folder, tmp_
     ref = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, latents=z.clone(), output_type="latent",
                generator=torch.Generator().manual_seed(7), height=TINY_RESOLUTION, width=TINY_RESOLUTION).images  # fmt: skip
     emb = f.encode(PROMPTS)
-    ours = D.lcm_sample(f, net.schedule, z.clone(), D.lcm_inference_timesteps(2), generator=torch.Generator().manual_seed(7), **emb)
+    ours = D.lcm_sample(f, f.vp, z.clone(), D.lcm_inference_timesteps(2), generator=torch.Generator().manual_seed(7), **emb)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
     with net.adapters_disabled():  # the adapter matters: the base model samples something else
-        base = D.lcm_sample(f, net.schedule, z.clone(), D.lcm_inference_timesteps(2), generator=torch.Generator().manual_seed(7), **emb)
+        base = D.lcm_sample(f, f.vp, z.clone(), D.lcm_inference_timesteps(2), generator=torch.Generator().manual_seed(7), **emb)
     assert (base - ours).abs().max() > 1e-2
     # our own checkpoint format: the LoRA state dict loads back exactly
     again = DiffusersNet.load(folder, lora={"rank": 4, "alpha": 8})

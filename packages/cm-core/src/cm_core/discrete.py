@@ -226,7 +226,8 @@ class LatentConsistencyFunction(torch.nn.Module):
     f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂0(net(x_t, t, **embeddings)) (:func:`lcm_scalings`).
 
     ``net`` follows cm_nets' text-to-image interface (e.g. ``cm_nets.DiffusersNet``): ``net(x_t, t,
-    **embeddings)`` returns the raw UNet output; ``net.schedule`` is its :class:`DiscreteVP`;
+    **embeddings)`` returns the raw UNet output; ``net.alphas_cumprod``, ``net.prediction_type`` and
+    ``net.final_alpha_cumprod`` define its :class:`DiscreteVP` (``self.vp``; or ``net.schedule``);
     ``net.encode_text(prompts, **micro) -> embeddings`` and ``net.null_text(embeddings)`` (the
     unconditional branch of guidance) run without gradients; ``net.adapters_disabled()`` is a
     context in which it is the base (teacher) model; ``net.latent_channels`` and
@@ -237,10 +238,10 @@ class LatentConsistencyFunction(torch.nn.Module):
         super().__init__()
         self.net = net
         self.sigma_data, self.timestep_scaling = float(sigma_data), float(timestep_scaling)
-
-    @property
-    def vp(self) -> DiscreteVP:
-        return self.net.schedule
+        schedule = getattr(net, "schedule", None)
+        self.vp = schedule if isinstance(schedule, DiscreteVP) else DiscreteVP(
+            net.alphas_cumprod, net.prediction_type, getattr(net, "final_alpha_cumprod", None)
+        )
 
     def forward(self, x_t: torch.Tensor, t, **embeddings) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(x_t.shape[0])

@@ -3,9 +3,9 @@ interface, for latent text-to-image consistency distillation with LoRA (cm_core'
 "latent-direct-cm" objectives).
 
 :class:`DiffusersNet` holds the pipeline's UNet (optionally with peft LoRA adapters, the only
-trainable weights), its VAE, text encoder(s) and tokenizer(s), and its noise schedule as a
-:class:`cm_core.discrete.DiscreteVP` (``alphas_cumprod`` and prediction type from the folder's
-scheduler config). It is called as ``net(x_t, t, encoder_hidden_states=…, text_embeds=…,
+trainable weights), its VAE, text encoder(s) and tokenizer(s), and its noise schedule
+(``alphas_cumprod``, ``prediction_type`` from the folder's scheduler config: what
+``cm_core.DiscreteVP`` takes). It is called as ``net(x_t, t, encoder_hidden_states=…, text_embeds=…,
 time_ids=…)`` and returns the UNet's raw output; :meth:`encode_text` builds those embeddings exactly
 as the diffusers pipelines' ``encode_prompt`` (SDXL: both encoders' penultimate hidden states
 concatenated, the second encoder's pooled projection, and the added time ids (original size, crop
@@ -119,8 +119,6 @@ class DiffusersNet(nn.Module):
 
     def __init__(self, parts: dict, path: str = "", dtype: torch.dtype = torch.float32):
         super().__init__()
-        import cm_core
-
         self.kind = parts["kind"]
         self.path = str(path)
         self.unet = parts["unet"].requires_grad_(False)
@@ -129,9 +127,11 @@ class DiffusersNet(nn.Module):
         self.tokenizers = list(parts["tokenizers"])
         sched = parts["scheduler"]
         self.scheduler_config = dict(sched.config)
-        self.schedule = cm_core.DiscreteVP(
-            sched.alphas_cumprod, sched.config.prediction_type, float(sched.alphas_cumprod[0])
-        )
+        # The noise schedule as cm_core.DiscreteVP takes it (LatentConsistencyFunction builds one):
+        # ᾱ_t of the scheduler, its prediction type, and ᾱ one step past the end (LCM's solver: ᾱ_0).
+        self.alphas_cumprod = sched.alphas_cumprod.detach().to(torch.float64).clone()
+        self.prediction_type = str(sched.config.prediction_type)
+        self.final_alpha_cumprod = float(sched.alphas_cumprod[0])
         self.force_zeros = parts["force_zeros_for_empty_prompt"]
         self.base_dtype = dtype
         self.lora: dict | None = None

@@ -16,6 +16,7 @@ import torch
 __all__ = ["write_tokenizer", "tiny_sd_pipeline", "TINY_RESOLUTION"]
 
 TINY_RESOLUTION = 32  # pixels; the VAE halves it once: 16×16 latents with 4 channels
+_NEEDS = "tiny diffusers pipelines need diffusers and transformers: pip install 'cm-nets[diffusers]'"
 
 
 def write_tokenizer(folder: str | Path, max_length: int = 16) -> Path:
@@ -49,7 +50,10 @@ def write_tokenizer(folder: str | Path, max_length: int = 16) -> Path:
 
 
 def _text_config(hidden: int, projection: int, vocab: int, max_length: int):
-    from transformers import CLIPTextConfig
+    try:
+        from transformers import CLIPTextConfig
+    except ImportError:
+        raise ImportError(_NEEDS) from None
 
     return CLIPTextConfig(
         bos_token_id=0,
@@ -72,14 +76,17 @@ def tiny_sd_pipeline(folder: str | Path, *, xl: bool = False, prediction_type: s
     UNet: 2 levels (32, 64 channels), cross-attention on the inner one; VAE: 1 downsampling;
     text encoders: 2 layers of width 32. ``prediction_type``: "epsilon", "v_prediction" or "sample".
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    try:
+        from diffusers import (
+            AutoencoderKL,
+            DDIMScheduler,
+            StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
+            UNet2DConditionModel,
+        )
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    except ImportError:
+        raise ImportError(_NEEDS) from None
 
     import tempfile
 

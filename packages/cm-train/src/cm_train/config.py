@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,9 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | gmm | folder | zip | npz
-    path: str = ""  # folder / zip / npz path (not used by the built-in sources)
-    resolution: int = 0  # resize images to this size (0: keep); digits are 8×8 natively
+    source: str = "digits"  # digits | gmm | folder | zip | npz | captions | latents (cm_train.captions)
+    path: str = ""  # folder / zip / npz / caption folder or manifest / latent cache (not used by the built-in sources)
+    resolution: int = 0  # resize images to this size (0: keep; captions: the square crop); digits are 8×8 natively
     channels: int = 0  # 0: keep; 1 or 3 converts
     hflip: bool = False  # random horizontal flip
     conditional: bool = False  # pass class labels to the network
@@ -76,6 +77,13 @@ class ModelConfig:
     init: str = ""  # weights to start from (cm_nets checkpoint), e.g. an iCT model for BCM
     teacher: str = ""  # teacher cm_nets checkpoint (CD, ECT from a diffusion model, Direct CM)
     teacher_c_noise: str = "edm"
+    # A local diffusers Stable Diffusion pipeline folder (SD 1.5 / SDXL layout) instead of a preset: its
+    # UNet is the network (text-to-image objectives "lcm", "latent-direct-cm"), trained as LoRA; the
+    # base model, with the adapters off, is the teacher.
+    pipeline: str = ""
+    pipeline_dtype: str = "fp32"  # fp32 | fp16 | bf16: the frozen UNet/text encoders (LoRA stays fp32)
+    lora: dict = field(default_factory=dict)  # rank, alpha (= rank), targets (LCM-LoRA's), dropout
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in backward (SDXL at 1024 px)
     # How the trained function samples (sample grids, best-checkpoint metric, load_trained, `cm sample`,
     # `cm eval`); the defaults repeat the training choices. ECT evaluates with the shifted boundary
     # at σ_min = 0.003, re-noises with σ·ε and takes 2 steps through σ = 0.821.
@@ -176,10 +184,11 @@ class Config:
 
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
-    "data.source": ("digits", "gmm", "folder", "zip", "npz"),
+    "data.source": ("digits", "gmm", "folder", "zip", "npz", "captions", "latents"),
     "model.c_noise": ("edm", "openai"),
     "model.teacher_c_noise": ("edm", "openai"),
     "model.boundary": ("shifted", "edm"),
+    "model.pipeline_dtype": ("fp32", "fp16", "bf16"),
     "model.sample_boundary": ("", "shifted", "edm"),
     "model.sample_renoise": ("cm", "ect"),
     "optim.name": ("adam", "adamw", "radam"),
@@ -337,13 +346,31 @@ def load_config(source: str | os.PathLike | dict | None = None, overrides: list[
     return config
 
 
-_PATH_SOURCES = {"folder": "a folder of images", "zip": "a .zip of images (EDM's dataset_tool)", "npz": "an .npz"}
+_PATH_SOURCES = {
+    "folder": "a folder of images",
+    "zip": "a .zip of images (EDM's dataset_tool)",
+    "npz": "an .npz",
+    "captions": "a folder of images with same-stem .txt captions, or a .jsonl/.csv/.parquet caption manifest",
+    "latents": "a latent cache (a folder with a cm-latents manifest.json)",
+}
+_PATH_SUFFIXES = {".zip": "zip", ".npz": "npz", ".jsonl": "captions", ".csv": "captions", ".parquet": "captions"}
 
 
 def path_source(path: str) -> str:
-    """The data.source a data.path implies, from its name: a .zip, an .npz, else a folder. (No
-    file-system check here: a run's config must load where its data is absent, e.g. to sample.)"""
-    return {".zip": "zip", ".npz": "npz"}.get(Path(path).suffix.lower(), "folder")
+    """The data.source a data.path implies: a .zip, an .npz, a caption manifest (.jsonl, .csv,
+    .parquet) by its name; a folder holding a cm-latents manifest.json is a latent cache; else a
+    folder (a folder of captioned images too: its recipe says data.source = "captions"). A path that
+    does not exist counts as a folder: a run's config must load where its data is absent, e.g. to sample."""
+    kind = _PATH_SUFFIXES.get(Path(path).suffix.lower())
+    if kind:
+        return kind
+    manifest = Path(os.path.expanduser(path)) / "manifest.json"
+    try:  # cm_train.captions.cache_latents writes "format" first: no need to parse a big caption list
+        with open(manifest, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return "folder"
+    return "latents" if re.match(rb'\s*\{\s*"format"\s*:\s*"cm-latents"', head) else "folder"
 
 
 def _check_data(d: DataConfig, overridden: set[str]) -> None:
@@ -354,8 +381,8 @@ def _check_data(d: DataConfig, overridden: set[str]) -> None:
     if not d.path:
         return
     kind = path_source(d.path)
-    if d.source == kind:
-        return
+    if d.source == kind or (kind == "folder" and d.source in ("captions", "latents")):
+        return  # a caption folder looks like any folder, an absent latent cache too
     if "data.path" in overridden and "data.source" not in overridden:
         d.source = kind
         return
@@ -412,7 +439,7 @@ _RANGES = {
 # run.allow_config_change = true and is logged.
 _RESUME_FIXED = (
     "model.preset", "model.overrides", "model.sigma_data", "model.sigma_min", "model.c_noise", "model.boundary",
-    "objective.name", "objective.kwargs", "objective.target", "data.source", "data.resolution", "data.channels",
+    "objective.name", "objective.kwargs", "objective.target", "model.lora", "model.pipeline_dtype", "data.source", "data.resolution", "data.channels",
     "data.conditional", "data.num_classes", "data.gmm_components", "data.gmm_dim", "ema", "precision.mode",
 )  # fmt: skip
 _RESUME_FREE = ("run.dir", "run.device", "run.resume", "run.compile", "run.allow_config_change",
@@ -423,7 +450,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in ("model.overrides", "objective.kwargs"):
+        if isinstance(v, dict) and key not in ("model.overrides", "objective.kwargs", "model.lora"):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v

@@ -124,6 +124,57 @@ def build_function(objective: str, net: torch.nn.Module, cfg: Config, *, samplin
     )
 
 
+def _pipeline_net(cfg: Config, dataset, say) -> torch.nn.Module:
+    """model.pipeline: a local diffusers pipeline folder with LoRA adapters (cm_nets.DiffusersNet)."""
+    m = cfg.model
+    kind = function_kind_of(cfg.objective.name)
+    if kind.name != "latent-consistency":
+        raise ConfigError(
+            f"model.pipeline is a text-to-image diffusers model; objective {cfg.objective.name!r} trains a "
+            f"{kind.name!r} function: use objective.name = \"lcm\" or \"latent-direct-cm\" (or drop model.pipeline)"
+        )
+    if cfg.ema:
+        raise ConfigError(
+            "model.pipeline trains LoRA adapters without an EMA (as LCM-LoRA): set ema = [] in the config "
+            "(an EMA would copy the whole pipeline)"
+        )
+    if not m.lora:
+        raise ConfigError("model.pipeline needs model.lora = {rank = …}: only LoRA adapters train (e.g. rank = 64)")
+    unknown = sorted(set(m.lora) - {"rank", "alpha", "targets", "dropout"})
+    if unknown:
+        raise ConfigError(f"model.lora.{unknown[0]} is not a LoRA setting; valid: rank, alpha, targets, dropout")
+    rank = m.lora.get("rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ConfigError(f"model.lora.rank must be a positive integer (e.g. 64), got {rank!r}")
+    if not hasattr(dataset, "conditioning"):
+        raise ConfigError(
+            f"model.pipeline trains on (image, caption) pairs, but data.source = {cfg.data.source!r} has no captions: "
+            "use data.source = \"captions\" (a folder with .txt captions, or a .jsonl/.csv/.parquet manifest) or \"latents\""
+        )
+    try:
+        from cm_nets.diffusers_net import DiffusersNet
+
+        net = DiffusersNet.load(m.pipeline, dtype=m.pipeline_dtype, lora=dict(m.lora))
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise ConfigError(f"model.pipeline: {exc}") from None
+    if m.gradient_checkpointing:
+        net.unet.enable_gradient_checkpointing()
+    shape = tuple(dataset.sample_shape)
+    if len(shape) != 3 or shape[0] not in (3, net.latent_channels):
+        raise ConfigError(
+            f"data {dataset.name}: samples of shape {shape} are neither RGB images nor {net.latent_channels}-channel "
+            f"latents of the model in {m.pipeline}"
+        )
+    if shape[0] == net.latent_channels and shape[0] != 3:
+        encoder = getattr(dataset, "encoder", "")
+        if encoder and Path(encoder).expanduser().resolve() != Path(m.pipeline).expanduser().resolve():
+            say(f"warning: the latents in {dataset.name} were encoded by {encoder}, not by model.pipeline {m.pipeline}")
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    say(f"model: {net.kind.upper()} pipeline {m.pipeline} ({net.resolution}px, {net.prediction_type}); "
+        f"LoRA rank {net.lora['rank']}, alpha {net.lora['alpha']:g}: {trainable:,} trainable parameters")  # fmt: skip
+    return net
+
+
 def _net_meta(net: torch.nn.Module) -> dict | None:
     conf = getattr(net, "cm_nets_config", None)
     return {"format": "cm-nets", "version": 1, **conf} if conf else None
@@ -282,17 +333,10 @@ class Trainer:
                 "fd_digits comes with the cm command (`cm train`), which adds cm-eval's metrics"
             )
 
-        overrides = dict(cfg.model.overrides)
-        classes = self.dataset.num_classes if cfg.data.conditional else 0
-        try:
-            # size, channels and classes from the data unless model.overrides sets them (then they must fit)
-            fitted, notes = cm_nets.fit_to_data(cfg.model.preset, tuple(self.dataset.sample_shape), classes, overrides)
-            overrides = {**fitted, **overrides}
-            net = cm_nets.create(cfg.model.preset, **overrides)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model: {exc}") from None
-        if notes:
-            self.say(f"model {cfg.model.preset} sized from the data: {', '.join(notes)}")
+        if cfg.model.pipeline:
+            net = _pipeline_net(cfg, self.dataset, self.say)
+        else:
+            net = self._preset_net(cfg)
         if cfg.model.init:
             src = cm_nets.load(cfg.model.init)
             try:
@@ -363,9 +407,26 @@ class Trainer:
             self.callbacks.append(BestCheckpoint(best, cfg.checkpoint.early_stop_patience))
         self.callbacks += list(callbacks)
         z_gen = torch.Generator().manual_seed(cfg.run.seed + 12345)
-        shape = (min(cfg.log.sample_count, 256),) + tuple(self.dataset.sample_shape)
+        # A latent model samples latents whatever the data hold (pixels are encoded per batch).
+        sample_shape = getattr(net, "latent_shape", None) or tuple(self.dataset.sample_shape)
+        shape = (min(cfg.log.sample_count, 256),) + tuple(sample_shape)
         self.fixed_noise = torch.randn(shape, generator=z_gen)
-        self.fixed_labels = torch.arange(shape[0]) % max(self.dataset.num_classes, 1)
+        # captions: the first prompts of the dataset; classes: 0, 1, 2, …
+        self.fixed_labels = torch.arange(shape[0]) % max(getattr(self.dataset, "num_prompts", 0) or self.dataset.num_classes, 1)
+
+    def _preset_net(self, cfg: Config) -> torch.nn.Module:
+        overrides = dict(cfg.model.overrides)
+        classes = self.dataset.num_classes if cfg.data.conditional else 0
+        try:
+            # size, channels and classes from the data unless model.overrides sets them (then they must fit)
+            fitted, notes = cm_nets.fit_to_data(cfg.model.preset, tuple(self.dataset.sample_shape), classes, overrides)
+            overrides = {**fitted, **overrides}
+            net = cm_nets.create(cfg.model.preset, **overrides)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model: {exc}") from None
+        if notes:
+            self.say(f"model {cfg.model.preset} sized from the data: {', '.join(notes)}")
+        return net
 
     # ---- what callbacks and metrics use ------------------------------------------------------
     @property
@@ -377,7 +438,11 @@ class Trainer:
             self.log_fn(f"[cm-train] {msg}")
 
     def cond(self, labels: torch.Tensor) -> dict:
-        """The conditioning kwargs for a batch of labels (class labels when the data are conditional)."""
+        """The conditioning kwargs for a batch of labels: the dataset's own (captions: the prompts and
+        SDXL's micro-conditioning), else class labels when the data are conditional."""
+        hook = getattr(self.dataset, "conditioning", None)
+        if hook is not None:
+            return hook(labels)
         return {"class_labels": labels.to(self.device)} if self.cfg.data.conditional else {}
 
     def sampling_function(self) -> torch.nn.Module:
@@ -399,7 +464,13 @@ class Trainer:
         cond = self.cond(self.fixed_labels)
         out = []
         m = self.cfg.model
-        if self.kind.name == "diffusion":
+        if self.kind.name == "latent-consistency":  # LCM sampling; the VAE decodes the latents for the grid
+            lcm = cm_core.get_sampler("lcm")
+            gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)
+            emb = f.encode(**cond)
+            latents = {f"{n}step": lcm(f, z, lcm.default_sigmas(n), generator=gen, **emb) for n in (1, 4)}
+            runs = {tag: f.net.decode_latents(x) for tag, x in latents.items()}
+        elif self.kind.name == "diffusion":
             heun = cm_core.get_sampler("heun")
             sig = heun.default_sigmas(sigma_min=m.sigma_min)  # EDM's 18 time steps: 35 NFE
             runs = {f"heun{heun.nfe(sig)}": heun(f, z, sig, **cond)}
@@ -454,6 +525,9 @@ class Trainer:
                 keep_last=self.cfg.checkpoint.keep_last,
                 protect=(best,) if best else (),
             )
+            export = getattr(self.state.net, "save_lora", None)
+            if export is not None:  # the newest LoRA in diffusers' format: pipeline.load_lora_weights(<run>/lora)
+                export(self.run_dir / "lora")
         distributed.barrier()
         return path
 
