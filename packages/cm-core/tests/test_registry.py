@@ -26,6 +26,8 @@ def test_builtin_declarations():
         "bcm": "bcm",
         "edm": "diffusion",
         "cdm": "diffusion",
+        "lcm": "latent-consistency",
+        "latent-direct-cm": "latent-consistency",
     }
     teachers = {n for n in cm_core.objective_names() if cm_core.get_objective(n).needs_teacher}
     assert teachers == {"cd", "direct-cm"}

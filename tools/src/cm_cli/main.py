@@ -15,7 +15,7 @@ import warnings
 import click
 
 from . import __version__
-from .commands import bench, convert, demo, edit, evaluate, info, invert, sample, stats, train
+from .commands import bench, convert, demo, edit, evaluate, info, invert, sample, stats, t2i, train
 
 # Exceptions the libraries raise for bad inputs: their message is the whole story.
 _EXPECTED = (
@@ -112,7 +112,7 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-for _module in (train, sample, edit, invert, evaluate, stats, bench, info, convert, demo):
+for _module in (train, sample, edit, invert, evaluate, stats, bench, info, convert, demo, t2i):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -20,7 +20,7 @@ from .data import ArrayDataset, BatchStream, build_dataset
 from .distributed import DistInfo, detect_launcher
 from .images import make_grid, write_png
 from .inference import TrainedModel, kind_of, load_trained, resolve_checkpoint
-from .callbacks import Callback
+from .callbacks import Callback, append_metrics
 from .loop import EXIT_INTERRUPTED, DivergenceError, Interrupted, Trainer, build_function, run
 from .state import TrainState
 from .step import train_step
@@ -30,6 +30,7 @@ __all__ = [
     "ArrayDataset",
     "BatchStream",
     "Callback",
+    "append_metrics",
     "Config",
     "ConfigError",
     "DistInfo",

@@ -26,6 +26,7 @@ from .checkpoint import atomic_write_text
 __all__ = [
     "Callback",
     "MetricsLog",
+    "append_metrics",
     "ProgressBar",
     "SampleGrids",
     "BestCheckpoint",
@@ -131,6 +132,25 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def append_metrics(run_dir, record: dict) -> None:
+    """Append ``record`` (with its "step") to <run>/metrics.jsonl, and to <run>/tensorboard when
+    tensorboard is installed (cm-train[tensorboard]): how an evaluation after training (``cm t2i
+    eval``) adds its numbers to the run's logs."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pip install 'cm-train[tensorboard]' for the TensorBoard copy
+        return
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, int(record.get("step", 0)))
+    writer.close()
 
 
 class MetricsLog(Callback):

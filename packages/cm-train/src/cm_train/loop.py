@@ -345,7 +345,7 @@ class Trainer:
                 first = str(exc).strip().splitlines()[-1].strip()
                 raise ConfigError(
                     f"model.init {cfg.model.init} does not fit model.preset {cfg.model.preset!r} with overrides "
-                    f"{overrides}: {first}"
+                    f"{dict(cfg.model.overrides)}: {first}"
                 ) from None
             self.say(_init_report(cfg.model.init, net, src, missing, unexpected))
         net = net.to(self.device)
