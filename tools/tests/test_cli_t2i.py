@@ -139,3 +139,4 @@ def test_bad_inputs_give_one_line(setup, tmp_path):
           "neither a cm-train run folder")  # fmt: skip
     fails(cm("t2i", "cache-latents", tmp_path / "nope", setup["root"] / "captions", "--out", tmp_path / "c"), "does not exist")
     fails(cm("t2i", "eval", tmp_path), "samples.json")
+    fails(cm("sample", setup["run"], "--num", 2, "--out", tmp_path / "s.npz"), "text-to-image LoRA run", "cm t2i sample")

@@ -119,3 +119,35 @@ def test_bad_inputs_give_one_clear_line(pipelines, captions, tmp_path):
     fails("set ema = \\[\\]", "ema=[{kind = \"constant\", decay = 0.99}]")
     fails("objective.name", "objective.name=ict", "objective.kwargs={}")
     fails("has no captions", "data.source=digits", "data.path=", "data.resolution=0")
+
+
+@pytest.mark.distributed
+def test_two_torchrun_ranks_train_the_same_lora_as_one(pipelines, captions, tmp_path):
+    """The global batch of 2 as one rank accumulating 2 micro-batches of 1, or two ranks of 1 each
+    (gloo): every draw is keyed by (step, chunk), so the LoRA weights agree to fp32 rounding."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def config(name):
+        cfg = _config("direct-cm-sd15-lora", pipelines["sd"], captions, tmp_path / name, "run.batch_per_rank=1",
+                      "checkpoint.every=0", "log.sample_count=0")  # fmt: skip
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cm_train.config_to_dict(cfg)))
+        return cfg, path
+
+    cfg, _ = config("one")
+    one = cm_train.run(cfg, log=lambda m: None)
+    _, path = config("two")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cm_train",
+           "--config", str(path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, _, _ = cm_train.load_checkpoint(one["checkpoint"])
+    b, _, _ = cm_train.load_checkpoint(cm_train.latest_checkpoint(tmp_path / "two"))
+    assert a["net"].keys() == b["net"].keys() and any(v.abs().max() > 0 for k, v in b["net"].items() if "lora_B" in k)
+    for k in a["net"]:
+        torch.testing.assert_close(a["net"][k], b["net"][k], rtol=1e-4, atol=1e-6)

@@ -134,6 +134,12 @@ def load_trained(path, *, network: str = "ema", device="cpu") -> TrainedModel:
         if not run_config.is_file():
             raise ValueError(f"{ckpt} has no config in meta.json and {run_config} is missing")
         cfg = load_config(str(run_config))
+    if cfg.model.pipeline:  # LoRA on a diffusers pipeline: text-conditioned, sampled by prompts
+        raise ValueError(
+            f"{ckpt} is a text-to-image LoRA run of {cfg.model.pipeline}: sample it with "
+            f"`cm t2i sample {ckpt.parent.parent} --prompts FILE --noise FILE --out DIR` (its LoRA is in "
+            f"{ckpt.parent.parent / 'lora'} for diffusers' load_lora_weights)"
+        )
     objective = meta.get("objective", cfg.objective.name)
     kind = kind_of(objective)
     if "data" in meta:

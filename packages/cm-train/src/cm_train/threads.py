@@ -71,5 +71,5 @@ def choose_threads(
     threads = max(1, min(share, math.floor(free / ranks + 0.5)))
     why = f"{where}, 1-minute load {load:.1f}"
     if threads < share:
-        why += f" (busy cores left out; run.threads = {share} or --threads {share} to use them all)"
+        why += f"; busy cores left out (run.threads = {share} or cm --threads {share} uses them all)"
     return threads, why

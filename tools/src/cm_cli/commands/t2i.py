@@ -268,7 +268,9 @@ def evaluate_t2i(samples, inception, dino, clip_weights, clip_arch, aesthetic, b
         intro=f"Run {meta.get('run')} ({meta.get('checkpoint')}), {len(teacher['images'])} prompts, the same initial "
               f"noise ({meta.get('noise')}). ODE error: latent MSE to the teacher's solution.",
         sections=[{"heading": "Metrics", "table": {"columns": columns, "rows": rows}},
-                  {"heading": "Samples per NFE", "images": grids}],
+                  {"heading": "Samples per NFE", "images": grids,
+                   "text": "Prompts in grid order (row by row, 8 per row): "
+                           + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(meta["prompts"][:64]))}],
     )  # fmt: skip
     _log_to_run(meta, metrics)
     for row in rows:
