@@ -225,7 +225,7 @@ class LatentConsistencyFunction(torch.nn.Module):
     """LCM's consistency function on a text-to-image network's discrete timesteps:
     f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂0(net(x_t, t, **embeddings)) (:func:`lcm_scalings`).
 
-    ``net`` follows cm_nets' text-to-image interface (e.g. ``cm_nets.DiffusersNet``): ``net(x_t, t,
+    ``net`` follows cm_nets' text-to-image interface (e.g. ``cm_nets.diffusers_net.DiffusersNet``): ``net(x_t, t,
     **embeddings)`` returns the raw UNet output; ``net.alphas_cumprod``, ``net.prediction_type`` and
     ``net.final_alpha_cumprod`` define its :class:`DiscreteVP` (``self.vp``; or ``net.schedule``);
     ``net.encode_text(prompts, **micro) -> embeddings`` and ``net.null_text(embeddings)`` (the

@@ -125,7 +125,7 @@ def build_function(objective: str, net: torch.nn.Module, cfg: Config, *, samplin
 
 
 def _pipeline_net(cfg: Config, dataset, say) -> torch.nn.Module:
-    """model.pipeline: a local diffusers pipeline folder with LoRA adapters (cm_nets.DiffusersNet)."""
+    """model.pipeline: a local diffusers pipeline folder with LoRA adapters (cm_nets.diffusers_net.DiffusersNet)."""
     m = cfg.model
     kind = function_kind_of(cfg.objective.name)
     if kind.name != "latent-consistency":
