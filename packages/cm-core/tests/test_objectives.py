@@ -319,7 +319,7 @@ def test_diffusion_objectives_train_a_denoiser_module():
 def test_registry_and_errors():
     assert isinstance(create_objective("ict", total_steps=10), ImprovedConsistencyTraining)
     with pytest.raises(ValueError, match="objective must be one of"):
-        create_objective("sct")
+        create_objective("gan")
     with pytest.raises(ValueError, match="x0"):
         ConsistencyTraining(10)(ConsistencyFunction(TinyNet()), torch.zeros(0, 2), step=0)
     with pytest.raises(ValueError, match="exactly one"):

@@ -28,9 +28,12 @@ def test_builtin_declarations():
         "cdm": "diffusion",
         "lcm": "latent-consistency",
         "latent-direct-cm": "latent-consistency",
+        "sct": "trigflow",
+        "scd": "trigflow",
+        "meanflow": "average-velocity",
     }
     teachers = {n for n in cm_core.objective_names() if cm_core.get_objective(n).needs_teacher}
-    assert teachers == {"cd", "direct-cm"}
+    assert teachers == {"cd", "direct-cm", "scd"}
     targets = {n: cm_core.get_objective(n).target_rule for n in ("ct", "cd", "ict")}
     assert targets == {"ct": "ct", "cd": "constant", "ict": None}
     assert not cm_core.get_objective("bcm").takes_target and cm_core.get_objective("ect").takes_target
@@ -56,15 +59,15 @@ def test_register_and_refusals(registry):
         cm_core.register_objective(" spaced", Mine)
 
     class Unknown(cm_core.Objective):
-        function = "trigflow"
+        function = "shortcut"
 
-    with pytest.raises(ValueError, match="function 'trigflow', which is not registered"):
-        cm_core.register_objective("trig", Unknown)
+    with pytest.raises(ValueError, match="function 'shortcut', which is not registered"):
+        cm_core.register_objective("short", Unknown)
     # Registering the function kind first makes it trainable.
     cm_core.register_function(
-        cm_core.FunctionKind("trigflow", lambda net, **kw: net, samplers=("onestep",), default_sampler="onestep")
+        cm_core.FunctionKind("shortcut", lambda net, **kw: net, samplers=("onestep",), default_sampler="onestep")
     )
-    cm_core.register_objective("trig", Unknown)
+    cm_core.register_objective("short", Unknown)
     with pytest.raises(ValueError, match="default sampler"):
         cm_core.FunctionKind("bad", lambda net, **kw: net, samplers=("onestep",), default_sampler="heun")
     with pytest.raises(ValueError, match=r"unknown objective 'gan': objective must be one of .*ict"):

@@ -25,7 +25,7 @@ from cm_core import (
 
 
 def test_every_function_kinds_samplers_are_registered():
-    assert list(SAMPLERS) == ["onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture", "heun", "lcm"]
+    assert list(SAMPLERS) == ["onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture", "heun", "lcm", "trigflow", "meanflow"]
     for kind in FUNCTIONS.values():
         assert set(kind.samplers) <= set(SAMPLERS), kind.name
     with pytest.raises(ValueError, match=r"samplers \['ddim'\] that are not registered"):

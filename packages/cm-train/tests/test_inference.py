@@ -88,4 +88,4 @@ def test_kind_of():
     ]
     with pytest.raises(ValueError, match="unknown objective"):
         cm_train.kind_of("gan")
-    assert set(cm_core.OBJECTIVES) <= {"ct", "ict", "cd", "ect", "direct-cm", "bcm", "edm", "cdm", "lcm", "latent-direct-cm"}
+    assert set(cm_core.OBJECTIVES) <= {"ct", "ict", "cd", "ect", "direct-cm", "bcm", "edm", "cdm", "lcm", "latent-direct-cm", "sct", "scd", "meanflow"}

@@ -74,13 +74,14 @@ def test_run_sets_logs_and_restores_threads(tmp_path, monkeypatch):
 
     cfg = cm_train.load_config(
         "packages/cm-train/configs/digits.toml",
-        [f"run.dir={tmp_path / 'run'}", "run.total_steps=6", "run.batch_size=8", "run.threads=2",
+        [f"run.dir={tmp_path / 'run'}", "run.total_steps=3", "run.batch_size=8", "run.threads=2", "objective.name=edm",
+         "objective.kwargs={}",
          "log.sample_every=0", "log.sample_count=0", "checkpoint.every=0"],
     )  # fmt: skip
     lines = []
     before = torch.get_num_threads()
     result = cm_train.run(cfg, log=lines.append, callbacks=[Probe()])
-    assert seen == [2] * 6
+    assert seen == [2] * 3
     assert result["samples"] == []  # log.sample_count = 0: no grids (it failed in the sampler before)
     assert any("cpu threads: 2 (run.threads = 2)" in line for line in lines)
     assert torch.get_num_threads() == before

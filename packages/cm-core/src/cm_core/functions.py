@@ -10,6 +10,10 @@ none of them needs to know the objective. Built in:
   "latent-consistency"  LCM's f(x_t, t) on a text-to-image model's discrete timesteps
                  (:class:`~cm_core.discrete.LatentConsistencyFunction`; lcm, latent-direct-cm),
                  sampled by "lcm" (diffusers' LCMScheduler), its "σ list" being timesteps
+  "trigflow"     sCM's f(x_t, t) = cos t·x_t − sin t·σ_d·F on TrigFlow time (sct, scd), sampled by
+                 "trigflow" (its list holds TrigFlow times t, from π/2)
+  "average-velocity"  MeanFlow's u(z_t, r, t) (meanflow), sampled by "meanflow" (flow-matching times
+                 from 1 to 0)
   "diffusion"    a denoiser D(x, σ): :class:`~cm_core.EDMDenoiser` (EDM, CDM), sampled by solving
                  the PF-ODE
 
@@ -19,10 +23,13 @@ A plugin adds a kind with :func:`register_function` (e.g. a TrigFlow function) a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
+from .continuous import HALF_PI, AverageVelocityFunction, TrigFlowFunction
 from .discrete import LatentConsistencyFunction, lcm_inference_timesteps, lcm_sample
 from .parameterization import BidirectionalConsistencyFunction, ConsistencyFunction, EDMDenoiser
 from .sampling import SAMPLERS, Sampler, register_sampler
@@ -134,5 +141,73 @@ register_function(
         samplers=("lcm",),
         default_sampler="lcm",
         doc="LCM's f(x_t, t) on a text-to-image model's discrete timesteps (LoRA on a diffusers UNet)",
+    )
+)
+
+
+def _trigflow_times(n, sigma_min, sigma_max, recipe):
+    """π/2, then sCM's 2-step intermediate t = 1.1; more steps: n − 1 times spaced evenly on [0.2, 1.1]."""
+    if n == 1:
+        return [HALF_PI]
+    return [HALF_PI] + torch.linspace(1.1, 0.2, n - 1, dtype=torch.float64).tolist()
+
+
+def _trigflow_run(f, z, ts, *, generator=None, randn_like=None, clip=None, sigma_data=0.5, **cond):
+    """x = f(σ_d·z, t_0); for each next t: x = f(cos t·x + sin t·σ_d·ε, t) (sCM's multistep sampling)."""
+    from ._random import noise_source
+
+    ts = [float(t) for t in (ts.tolist() if torch.is_tensor(ts) else ts)]
+    if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] > HALF_PI + 1e-9 or ts[-1] <= 0:
+        raise ValueError(f"TrigFlow times must descend within (0, π/2], got {ts}")
+    sd = float(getattr(f, "sigma_data", sigma_data))
+    draw = noise_source(generator, randn_like)
+    x = f(sd * z, torch.full((z.shape[0],), ts[0], dtype=z.dtype, device=z.device), **cond)
+    for t in ts[1:]:
+        x_t = math.cos(t) * x + math.sin(t) * sd * draw(x)
+        x = f(x_t, torch.full((z.shape[0],), t, dtype=z.dtype, device=z.device), **cond)
+    return x if clip is None else x.clamp(-clip, clip)
+
+
+def _meanflow_times(n, sigma_min, sigma_max, recipe):
+    """n steps from t = 1 to 0, evenly spaced (one step: [1, 0])."""
+    return torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64).tolist()
+
+
+def _meanflow_run(u, z, ts, *, generator=None, randn_like=None, clip=None, **cond):
+    """z_1 = ε; for consecutive times (t, r): z_r = z_t − (t − r)·u(z_t, r, t) (one step: x = ε − u(ε, 0, 1))."""
+    ts = [float(t) for t in (ts.tolist() if torch.is_tensor(ts) else ts)]
+    if len(ts) < 2 or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] > 1 or ts[-1] < 0:
+        raise ValueError(f"MeanFlow times must descend within [0, 1] with at least two (e.g. [1, 0]), got {ts}")
+    x = z
+    b = z.shape[0]
+    for t, r in zip(ts, ts[1:]):
+        tt = torch.full((b,), t, dtype=z.dtype, device=z.device)
+        rr = torch.full((b,), r, dtype=z.dtype, device=z.device)
+        x = x - (t - r) * u(x, rr, tt, **cond)
+    return x if clip is None else x.clamp(-clip, clip)
+
+
+register_sampler(Sampler("trigflow", _trigflow_run, _trigflow_times, lambda ts, o: len(ts), default_count=1,
+                         doc="sCM: x = f(σ_d·z, π/2), then f(cos t·x + sin t·σ_d·ε, t) per next TrigFlow time t"))  # fmt: skip
+register_sampler(Sampler("meanflow", _meanflow_run, _meanflow_times, lambda ts, o: len(ts) - 1, default_count=1,
+                         doc="MeanFlow: z_r = z_t − (t − r)·u(z_t, r, t) along flow-matching times 1 → 0"))  # fmt: skip
+register_function(
+    FunctionKind(
+        "trigflow",
+        lambda net, *, sigma_data, sigma_min, c_noise, boundary: TrigFlowFunction(
+            net, sigma_data, "edm" if c_noise == "edm" else "trig"
+        ),
+        samplers=("trigflow",),
+        default_sampler="trigflow",
+        doc="sCM's f(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, c_noise(t)) on TrigFlow time",
+    )
+)
+register_function(
+    FunctionKind(
+        "average-velocity",
+        lambda net, *, sigma_data, sigma_min, c_noise, boundary: AverageVelocityFunction(net),
+        samplers=("meanflow",),
+        default_sampler="meanflow",
+        doc="MeanFlow's average velocity u(z_t, r, t) on flow-matching time",
     )
 )

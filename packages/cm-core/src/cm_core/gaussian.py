@@ -212,6 +212,86 @@ class GaussianMixture:
         """Its inverse: flow(x, σ_min → σ)."""
         return self.flow(x, check.non_negative("sigma_min", sigma_min), sigma)
 
+    # ---- the continuous-time parameterizations (cm_core.continuous) --------------------------
+    _TINY_SIGMA = 1e-12  # a mixture's flow integrates in ln σ: σ = 0 is taken as this
+
+    def _flow_to(self, x, s_from, s_to):
+        if self.num_components > 1:
+            s_from, s_to = (torch.as_tensor(s, dtype=torch.float64).clamp_min(self._TINY_SIGMA) for s in (s_from, s_to))
+        return self.flow(x, s_from, s_to)
+
+    @staticmethod
+    def _times(t, x, name: str, low: float, high: float, open_high: bool) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        bad = (t < low) | ((t >= high) if open_high else (t > high)) | ~torch.isfinite(t)
+        if bool(bad.any()):
+            end = ")" if open_high else "]"
+            raise ValueError(f"{name} must lie in [{low:g}, {high:g}{end}, got {t[bad][0].item()}")
+        return t
+
+    def trigflow_flow(self, x, t_from, t_to, sigma_data: float = 0.5) -> torch.Tensor:
+        """The exact TrigFlow PF-ODE map x_{t_from} ↦ x_{t_to} (t ∈ [0, π/2)): EDM's flow of x/cos t
+        between σ = σ_d·tan t, scaled back by cos t."""
+        a = self._times(t_from, x, "t_from", 0.0, math.pi / 2, True)
+        b = self._times(t_to, x, "t_to", 0.0, math.pi / 2, True)
+        x = torch.as_tensor(x)
+        out = self._flow_to(x.to(torch.float64) / torch.cos(a)[:, None], sigma_data * torch.tan(a), sigma_data * torch.tan(b))
+        return (out * torch.cos(b)[:, None]).to(x.dtype if x.is_floating_point() else torch.float64)
+
+    def trigflow_consistency(self, x, t, sigma_data: float = 0.5) -> torch.Tensor:
+        """The exact TrigFlow consistency function f*(x_t, t) = the PF-ODE solution at t = 0."""
+        return self.trigflow_flow(x, t, 0.0, sigma_data)
+
+    def trigflow_velocity(self, x, t, sigma_data: float = 0.5) -> torch.Tensor:
+        """The exact TrigFlow velocity dx_t/dt = (cos t·x_t − D(x_t/cos t, σ_d tan t))/sin t, t ∈ (0, π/2)."""
+        t = self._times(t, x, "t", 0.0, math.pi / 2, True)
+        if bool((t == 0).any()):
+            raise ValueError("t must be > 0 for the TrigFlow velocity (it divides by sin t)")
+        x = torch.as_tensor(x)
+        x64 = x.to(torch.float64)
+        c, s = torch.cos(t)[:, None], torch.sin(t)[:, None]
+        d = self.denoise(x64 / c, sigma_data * torch.tan(t))
+        return ((c * x64 - d) / s).to(x.dtype if x.is_floating_point() else torch.float64)
+
+    def flow_matching_flow(self, z, t, r) -> torch.Tensor:
+        """The exact flow-matching PF-ODE map z_t ↦ z_r (times in [0, 1)): (1 − r)·EDM's flow of
+        z/(1 − t) from σ = t/(1 − t) to r/(1 − r)."""
+        t = self._times(t, z, "t", 0.0, 1.0, True)
+        r = self._times(r, z, "r", 0.0, 1.0, True)
+        z = torch.as_tensor(z)
+        out = self._flow_to(z.to(torch.float64) / (1 - t)[:, None], t / (1 - t), r / (1 - r))
+        return (out * (1 - r)[:, None]).to(z.dtype if z.is_floating_point() else torch.float64)
+
+    def flow_matching_velocity(self, z, t) -> torch.Tensor:
+        """The exact instantaneous velocity v(z_t, t) = (z_t − D(z_t/(1 − t), t/(1 − t)))/t, t ∈ (0, 1)."""
+        t = self._times(t, z, "t", 0.0, 1.0, True)
+        if bool((t == 0).any()):
+            raise ValueError("t must be > 0 for the flow-matching velocity (it divides by t)")
+        z = torch.as_tensor(z)
+        z64 = z.to(torch.float64)
+        d = self.denoise(z64 / (1 - t)[:, None], t / (1 - t))
+        return ((z64 - d) / t[:, None]).to(z.dtype if z.is_floating_point() else torch.float64)
+
+    def average_velocity(self, z, r, t) -> torch.Tensor:
+        """MeanFlow's exact average velocity u(z_t, r, t) = (z_t − z_r)/(t − r) over the PF-ODE
+        (the instantaneous velocity where r = t); 0 <= r <= t < 1."""
+        t = self._times(t, z, "t", 0.0, 1.0, True)
+        r = self._times(r, z, "r", 0.0, 1.0, True)
+        if bool((r > t).any()):
+            raise ValueError("r must be <= t (the average velocity runs from the later time t to r)")
+        z = torch.as_tensor(z)
+        z64 = z.to(torch.float64)
+        same = r == t
+        out = torch.empty_like(z64)
+        if bool(same.any()):
+            out[same] = self.flow_matching_velocity(z64[same], t[same])
+        if bool((~same).any()):
+            zr = self.flow_matching_flow(z64[~same], t[~same], r[~same])
+            out[~same] = (z64[~same] - zr) / (t[~same] - r[~same])[:, None]
+        return out.to(z.dtype if z.is_floating_point() else torch.float64)
+
     # ---- adapters with the signatures the samplers and objectives expect ---------------------
     def as_denoiser(self):
         """A callable D(x, σ, **cond) for solvers and distillation objectives."""

@@ -72,7 +72,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # constructor arguments of the preset
     sigma_data: float = 0.5
     sigma_min: float = 0.002
-    c_noise: str = "edm"  # edm | openai
+    c_noise: str = "edm"  # edm | openai | trig (TrigFlow: c = t; with edm, sCM reads the net as EDM's raw network)
     boundary: str = "shifted"  # shifted | edm: the training scalings (ECT trains with the plain EDM ones)
     init: str = ""  # weights to start from (cm_nets checkpoint), e.g. an iCT model for BCM
     teacher: str = ""  # teacher cm_nets checkpoint (CD, ECT from a diffusion model, Direct CM)
@@ -185,7 +185,7 @@ class Config:
 CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "data.source": ("digits", "gmm", "folder", "zip", "npz", "captions", "latents"),
-    "model.c_noise": ("edm", "openai"),
+    "model.c_noise": ("edm", "openai", "trig"),
     "model.teacher_c_noise": ("edm", "openai"),
     "model.boundary": ("shifted", "edm"),
     "model.pipeline_dtype": ("fp32", "fp16", "bf16"),

@@ -474,6 +474,10 @@ class Trainer:
             heun = cm_core.get_sampler("heun")
             sig = heun.default_sigmas(sigma_min=m.sigma_min)  # EDM's 18 time steps: 35 NFE
             runs = {f"heun{heun.nfe(sig)}": heun(f, z, sig, **cond)}
+        elif "onestep" not in self.kind.samplers:  # a kind with its own sampler (sCM, MeanFlow): 1 and 2 steps
+            spec = cm_core.get_sampler(self.kind.default_sampler)
+            gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)
+            runs = {f"{n}step": spec(f, z, spec.default_sigmas(n), generator=gen, **cond) for n in (1, 2)}
         else:
             onestep, multistep = cm_core.get_sampler("onestep"), cm_core.get_sampler("multistep")
             gen = torch.Generator().manual_seed(self.cfg.run.seed + 1)

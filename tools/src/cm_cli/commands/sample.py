@@ -24,7 +24,8 @@ from .._common import (
 )
 
 # "auto" and the names of cm_core.SAMPLERS (a test checks), spelled out so that `--help` needs no torch.
-SAMPLERS = ("auto", "onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture", "heun", "lcm")
+SAMPLERS = ("auto", "onestep", "multistep", "bcm-ancestral", "bcm-zigzag", "bcm-mixture", "heun", "lcm", "trigflow",
+            "meanflow")  # fmt: skip
 
 
 def plan(model, sampler: str, nfe: int | None, sigmas, heun_steps: int | None, zigzag) -> tuple:

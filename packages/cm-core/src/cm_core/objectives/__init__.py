@@ -28,6 +28,8 @@ from .consistency import (
 )
 from .diffusion import ConsistentDiffusion, EDMDenoising
 from .latent import LatentConsistencyDistillation, LatentDirectConsistency
+from .meanflow import MeanFlow
+from .scm import SCD, SCT
 
 for _name, _cls in {
     "ct": ConsistencyTraining,
@@ -40,6 +42,9 @@ for _name, _cls in {
     "cdm": ConsistentDiffusion,
     "lcm": LatentConsistencyDistillation,
     "latent-direct-cm": LatentDirectConsistency,
+    "sct": SCT,
+    "scd": SCD,
+    "meanflow": MeanFlow,
 }.items():
     register_objective(_name, _cls)
 
@@ -61,4 +66,7 @@ __all__ = [
     "ConsistentDiffusion",
     "LatentConsistencyDistillation",
     "LatentDirectConsistency",
+    "SCT",
+    "SCD",
+    "MeanFlow",
 ]
