@@ -52,6 +52,14 @@ def test_time_conversions_round_trip_and_bad_times_are_named():
         MIX.trigflow_flow(_x(2), torch.tensor([2.0, 0.1]), 0.0)
     with pytest.raises(ValueError, match="r must be <= t"):
         MIX.average_velocity(_x(2), torch.tensor([0.6, 0.1]), torch.tensor([0.5, 0.5]))
+    f = C.TrigFlowFunction(Net().double(), SD)
+    with pytest.raises(ValueError, match="t must lie in \\[0, π/2\\]"):
+        f(_x(2), torch.tensor([0.5, 2.0], dtype=torch.float64))
+    u = C.AverageVelocityFunction(Net().double())
+    with pytest.raises(ValueError, match="r must be <= t"):
+        u(_x(2), torch.tensor([0.9, 0.1], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="t must lie in \\[0, 1\\]"):
+        u(_x(2), torch.tensor([0.1, 0.1], dtype=torch.float64), torch.tensor([0.5, 1.5], dtype=torch.float64))
 
 
 def test_velocities_are_the_derivatives_of_the_exact_flows():

@@ -189,6 +189,46 @@ def resolve_backend(backend: str, q: torch.Tensor, normalize: str = "none") -> s
     return name
 
 
+def forward_ad_active(x: torch.Tensor) -> bool:
+    """True inside ``torch.func`` transforms (``jvp`` among them) or on a forward-mode dual tensor."""
+    from torch._C import _functorch
+
+    if _functorch.is_functorch_wrapped_tensor(x):
+        return True
+    import torch.autograd.forward_ad as fwAD
+
+    return fwAD.unpack_dual(x).tangent is not None
+
+
+def _has_forward_ad(name: str) -> bool:
+    """Whether a backend differentiates in forward mode: math is plain torch ops; the fused kernel has
+    its own forward-mode rule (cm_kernels.FORWARD_AD); SDPA's fused CPU/CUDA kernels, flash-attn and
+    xformers have none (pytorch#128971, flash-attention#1672)."""
+    if name == "math":
+        return True
+    if name == "fused":
+        import cm_kernels
+
+        return bool(getattr(cm_kernels, "FORWARD_AD", False))
+    return False
+
+
+def _forward_ad_backend(name: str, q: torch.Tensor) -> str:
+    """``name``, or "math" when a JVP runs through attention and ``name`` has no forward-mode rule
+    (said once per backend)."""
+    if _has_forward_ad(name) or not forward_ad_active(q):
+        return name
+    key = ("forward-ad", name)
+    if key not in _logged:
+        _logged.add(key)
+        logger.warning(
+            "cm_nets attention: forward-mode AD (a JVP) runs through attention and backend %s has no forward-mode "
+            "rule; using math (explicit softmax) for these calls",
+            name,
+        )
+    return "math"
+
+
 def _math(q, k, v, scale):
     # Logits and softmax in float32 (openai's QKVAttention, EDM's AttentionOp), result in q's dtype.
     w = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float() * scale).softmax(dim=-1)
@@ -209,7 +249,7 @@ def attention(
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = resolve_backend(check_backend(backend), q, normalize)
+    name = _forward_ad_backend(resolve_backend(check_backend(backend), q, normalize), q)
     if name == "fused":
         import cm_kernels
 
@@ -260,7 +300,8 @@ def attention_qkv(
     if layout == "three_heads_d":
         if backend in ("auto", "fused"):
             probe = qkv.new_empty((1, 1, 1, d))
-            if check_backend(backend) == "fused" or resolve_backend(backend, probe, normalize) == "fused":
+            chosen = "fused" if check_backend(backend) == "fused" else resolve_backend(backend, probe, normalize)
+            if _forward_ad_backend(chosen, qkv) == "fused":
                 import cm_kernels
 
                 return cm_kernels.normalized_attention_qkv(qkv, num_heads, normalize=normalize, eps=eps)
