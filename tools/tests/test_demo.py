@@ -37,7 +37,11 @@ def test_cm_demo_quick_end_to_end(tmp_path):
     report = json.loads(text)
     rows = report["table"]
     got = {(r["model"], r["nfe"]) for r in rows}
-    assert got == {("teacher", k) for k in (3, 5, 9, 35)} | {(m, k) for m in ("ECT", "ICT", "BCM") for k in (1, 2, 4)}
+    assert got == (
+        {("teacher", k) for k in (3, 5, 9, 35)}
+        | {(m, k) for m in ("ECT", "ICT", "BCM") for k in (1, 2, 4)}
+        | {(m, k) for m in ("sCD", "MeanFlow") for k in (1, 2)}
+    )
     for r in rows:
         assert math.isfinite(r["fd_digits"]) and r["fd_digits"] > 0
         assert 0 <= r["class_acc"] <= 1 and math.isfinite(r["ode_mse"])
@@ -53,7 +57,7 @@ def test_cm_demo_quick_end_to_end(tmp_path):
     # The printed table and the page.
     assert "FD-digits" in result.output and "report.html" in result.output
     # Every training run used the demo's one thread (not cm-train's own choice from the free cores).
-    assert result.output.count("cpu threads: 1 (run.threads = 1)") == 4
+    assert result.output.count("cpu threads: 1 (run.threads = 1)") == 6
     html = (out / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,', html)
     assert len(images) == len(rows) + 4 + 3 + 1  # sample grids, 4 plots, 3 edits, BCM pairs: nothing missing

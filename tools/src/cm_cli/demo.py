@@ -42,6 +42,8 @@ class DemoBudget:
     ect_steps: int
     ict_steps: int
     bcm_steps: int
+    scd_steps: int
+    meanflow_steps: int
     eval_samples: int  # per row of the table
     search_samples: int  # for the 2-step σ search (other seeds than the evaluation's)
     search_iters: int
@@ -57,6 +59,8 @@ FULL = DemoBudget(
     ect_steps=2000,
     ict_steps=2200,
     bcm_steps=800,
+    scd_steps=1500,
+    meanflow_steps=2000,
     eval_samples=1000,
     search_samples=500,
     search_iters=5,
@@ -67,6 +71,8 @@ QUICK = DemoBudget(  # about a minute: a smoke test of the whole path, not the d
     ect_steps=400,
     ict_steps=500,
     bcm_steps=120,
+    scd_steps=300,
+    meanflow_steps=300,
     eval_samples=300,
     search_samples=200,
     search_iters=2,
@@ -153,7 +159,8 @@ def check_needs() -> None:
 
 
 # One name per model in every plot legend (report.json keeps its row names).
-DISPLAY = {"teacher": "EDM teacher", "ect": "ECT", "ECT": "ECT", "ict": "iCT", "ICT": "iCT", "bcm": "BCM", "BCM": "BCM"}
+DISPLAY = {"teacher": "EDM teacher", "ect": "ECT", "ECT": "ECT", "ict": "iCT", "ICT": "iCT", "bcm": "BCM", "BCM": "BCM",
+           "scd": "sCD", "sCD": "sCD", "meanflow": "MeanFlow", "MeanFlow": "MeanFlow"}  # fmt: skip
 
 
 def run_demo(
@@ -262,6 +269,31 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
             lr=2e-4,
         )
         runs["bcm"] = run(cfg, log=log)
+    # Continuous-time models: their time input goes through jvp, so their networks take a
+    # low-frequency time embedding (mlp-digits' noise_scale 10 on TrigFlow's t, sCM's point);
+    # MeanFlow's second time input (t − r) is the BCM end-time embedding.
+    with stage("sCD: distil the teacher in continuous time (TrigFlow, sCM)"):
+        cfg = _config(
+            work,
+            "scd",
+            budget.scd_steps,
+            budget,
+            objective={"name": "scd", "kwargs": {"tangent_warmup": max(budget.scd_steps // 5, 1)}},
+            model={"overrides": dict(mlp, noise_scale=10.0), "c_noise": "trig", "teacher": str(teacher_weights)},
+            lr=1e-3,
+        )
+        runs["scd"] = run(cfg, log=log)
+    with stage("MeanFlow: one-step flow model from scratch"):
+        cfg = _config(
+            work,
+            "meanflow",
+            budget.meanflow_steps,
+            budget,
+            objective={"name": "meanflow", "kwargs": {}},
+            model={"overrides": dict(mlp, bcm=True)},
+            lr=2e-3,
+        )
+        runs["meanflow"] = run(cfg, log=log)
     models = {name: load_trained(r["checkpoint"]) for name, r in runs.items()}
 
     # ---- 2–3. sampling and metrics -----------------------------------------------------------
@@ -339,6 +371,15 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
                 sig = sig + tail
                 label = "BCM ancestral" if bcm else ("1-step" if len(sig) == 1 else "multistep")
                 score(name.upper(), label, sampler.nfe(sig), sample(model, sig, sampler), sig)
+
+    for name, label in (("scd", "sCD"), ("meanflow", "MeanFlow")):
+        model = models[name]
+        spec = cm_core.get_sampler(cm_core.function_kind(model.kind).default_sampler)
+        with stage(f"sample and score {label} at 1, 2 NFE"):
+            for k in (1, 2):
+                ts = spec.default_sigmas(k)  # sCD: t = π/2 (then 1.1); MeanFlow: t = 1 → 0 (via 0.5)
+                what = "1-step" if k == 1 else ("2-step (t = π/2 → 1.1)" if name == "scd" else "2-step (t = 1 → 0.5 → 0)")
+                score(label, what, spec.nfe(ts), sample(model, ts, spec), ts)
 
     teacher35 = next(r for r in rows if r["model"] == "teacher" and r["nfe"] == 35)
     for r in rows:

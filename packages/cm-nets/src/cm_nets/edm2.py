@@ -3,7 +3,8 @@ Dynamics of Diffusion Models", Figure 21; NVlabs/edm2 ``training/networks_edm2.p
 
 Every layer keeps unit expected magnitude: weights are normalized (forced weight normalization,
 eq. 66), sums and concatenations are magnitude preserving (eqs. 88, 103), SiLU is rescaled
-(eq. 81), attention uses per-head normalized q, k, v. Module names follow EDM2's.
+(eq. 81), attention uses per-head normalized q, k, v. Module names follow EDM2's. ``bcm=True``
+adds a second time input ``c_noise_end`` (BCM's end time, MeanFlow's t − r), as in ``ADMUNet``.
 """
 
 from __future__ import annotations
@@ -153,8 +154,15 @@ class Block(nn.Module):
 
 class EDM2UNet(nn.Module):
     """EDM2 UNet; defaults are EDM2's (``model_channels=192`` is the S/M/L/XL family's base;
-    the presets override it). ``forward(x_in, c_noise, class_labels=None)``; class labels are
-    integer [B] or one-hot [B, label_dim]."""
+    the presets override it). ``forward(x_in, c_noise, class_labels=None, *, c_noise_end=None)``;
+    class labels are integer [B] or one-hot [B, label_dim].
+
+    ``bcm=True`` adds an end-time embedding for ``c_noise_end`` (BCM's end time; MeanFlow's
+    t − r): its own ``emb_fourier_end`` → ``emb_noise_end``, mixed into the noise embedding with a
+    learned gain ``emb_end_gain`` that starts at 0, so at initialization the output does not depend
+    on ``c_noise_end`` and equals that of the network without the branch (same seed, or the same
+    weights loaded with ``strict=False``). A ``bcm=True`` network requires ``c_noise_end``; the
+    default one refuses it."""
 
     def __init__(
         self,
@@ -172,6 +180,7 @@ class EDM2UNet(nn.Module):
         dropout: float = 0.0,
         channels_per_head: int = 64,
         attention_backend: str = "auto",
+        bcm: bool = False,
     ):
         check_backend(attention_backend)
         super().__init__()
@@ -215,11 +224,43 @@ class EDM2UNet(nn.Module):
                 )
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
+        # Built last, so that every other tensor draws the same random numbers as with bcm=False.
+        # Why a gain and not a zero-initialized layer: forced weight normalization (eq. 66) cannot
+        # hold a zero weight (normalize(0) has gradient 1/eps), and a plain mp_sum with a fixed
+        # balance would make the initial output depend on c_noise_end. EDM2's own zero-init device
+        # is a learned scalar gain (emb_gain, out_gain); with u the unit-magnitude end embedding
+        # and g = emb_end_gain, the noise embedding a becomes (a + g·u)/√(1 + g²): exactly a at
+        # g = 0, magnitude preserving for every g (eq. 88 for independent a, u; it is
+        # mp_sum(a, u, t) with t = g/(1 + g) for g > −1), with a non-zero gradient for g from the start.
+        self.bcm = bool(bcm)
+        if self.bcm:
+            self.emb_fourier_end = MPFourier(cnoise)
+            self.emb_noise_end = MPConv(cnoise, cemb, kernel=[])
+            self.emb_end_gain = nn.Parameter(torch.zeros([]))
+
     def forward(
-        self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        x_in: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        c_noise_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B = x_in.shape[0]
+        if self.bcm and c_noise_end is None:
+            raise ValueError(
+                "this EDM2UNet was built with bcm=True and needs c_noise_end (the end time, same convention as c_noise)"
+            )
+        if not self.bcm and c_noise_end is not None:
+            raise ValueError(
+                "c_noise_end given but this EDM2UNet has no end-time embedding "
+                "(create it with bcm=True, e.g. cm_nets.create('edm2-xs', bcm=True))"
+            )
         emb = self.emb_noise(self.emb_fourier(check_c_noise(c_noise, B)))
+        if self.bcm:
+            g = self.emb_end_gain
+            end = self.emb_noise_end(self.emb_fourier_end(check_c_noise(c_noise_end, B, "c_noise_end")), gain=g)
+            emb = (emb + end.to(emb.dtype)) * (1 + g.square()).rsqrt().to(emb.dtype)
         if self.emb_label is not None:
             if class_labels is None:
                 raise ValueError(

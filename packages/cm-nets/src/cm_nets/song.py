@@ -2,7 +2,8 @@
 architectures of Song et al. 2021 as used by EDM, ECT and CDM on CIFAR-10.
 
 Module names follow EDM's (``map_noise``, ``map_layer0``, ``enc['32x32_block0'].conv0``, …) so
-the tensors of an EDM snapshot map one to one (see :mod:`cm_nets.convert`).
+the tensors of an EDM snapshot map one to one (see :mod:`cm_nets.convert`). ``bcm=True`` adds a
+second time input ``c_noise_end`` (BCM's end time, MeanFlow's t − r), as in ``ADMUNet`` and ``MLPToy``.
 """
 
 from __future__ import annotations
@@ -204,7 +205,15 @@ class UNetBlock(nn.Module):
 class SongUNet(nn.Module):
     """DDPM++ (``embedding_type="positional"``, ``encoder_type="standard"``, filter [1,1]) and
     NCSN++ (``"fourier"``, ``"residual"``, filter [1,3,3,1], ``channel_mult_noise=2``); defaults
-    are EDM's. ``forward(x_in, c_noise, class_labels=None, augment_labels=None)``."""
+    are EDM's. ``forward(x_in, c_noise, class_labels=None, augment_labels=None, *, c_noise_end=None)``.
+
+    ``bcm=True`` adds an end-time mapping network for ``c_noise_end`` (BCM's end time; MeanFlow's
+    t − r): the same embedding as ``c_noise`` (positional, or its own random Fourier features
+    ``map_noise_end``), then ``map_layer0_end`` → SiLU → ``map_layer1_end``, added to the output of
+    ``map_layer1`` before its SiLU. ``map_layer1_end`` is zero-initialized, so at initialization
+    the output does not depend on ``c_noise_end`` and equals that of the network without the
+    branch (same seed, or the same weights loaded with ``strict=False``). A ``bcm=True`` network
+    requires ``c_noise_end``; the default one refuses it."""
 
     def __init__(
         self,
@@ -226,6 +235,7 @@ class SongUNet(nn.Module):
         decoder_type: str = "standard",
         resample_filter: Sequence[int] = (1, 1),
         attention_backend: str = "auto",
+        bcm: bool = False,
     ):
         for name, value, valid in (
             ("embedding_type", embedding_type, ("fourier", "positional")),
@@ -310,23 +320,45 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
+        # Built last, so that every other tensor draws the same random numbers as with bcm=False
+        # (a bcm=True network and a default one from the same seed agree until the branch trains).
+        self.bcm = bool(bcm)
+        if self.bcm:
+            self.map_noise_end = FourierEmbedding(noise_channels) if embedding_type == "fourier" else None
+            self.map_layer0_end = Linear(noise_channels, emb_channels, **init)
+            self.map_layer1_end = Linear(emb_channels, emb_channels, init_mode="xavier_uniform", init_weight=0)
+
+    def _embed_noise(self, c_noise: torch.Tensor, fourier: FourierEmbedding | None) -> torch.Tensor:
+        B = c_noise.shape[0]
+        if fourier is not None:  # NCSN++: random Fourier features [cos, sin]
+            emb = fourier(c_noise)
+        else:  # DDPM++: EDM's PositionalEmbedding(endpoint=True), [cos, sin]
+            emb = sinusoidal_embedding(c_noise, self.noise_channels, endpoint=True)
+        # EDM's SongUNet.forward swaps the two halves ([cos, sin] → [sin, cos]) whatever the embedding
+        # type; its DDPM++ and NCSN++ weights were trained on the swapped order.
+        emb = emb.reshape(B, 2, -1).flip(1).reshape(B, -1)
+        return emb.to(self.map_layer0.weight.dtype)
+
     def forward(
         self,
         x_in: torch.Tensor,
         c_noise: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         augment_labels: torch.Tensor | None = None,
+        *,
+        c_noise_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B = x_in.shape[0]
-        c_noise = check_c_noise(c_noise, B)
-        if self.map_noise is not None:  # NCSN++: random Fourier features [cos, sin]
-            emb = self.map_noise(c_noise)
-        else:  # DDPM++: EDM's PositionalEmbedding(endpoint=True), [cos, sin]
-            emb = sinusoidal_embedding(c_noise, self.noise_channels, endpoint=True)
-        # EDM's SongUNet.forward swaps the two halves ([cos, sin] → [sin, cos]) whatever the embedding
-        # type; its DDPM++ and NCSN++ weights were trained on the swapped order.
-        emb = emb.reshape(B, 2, -1).flip(1).reshape(B, -1)
-        emb = emb.to(self.map_layer0.weight.dtype)
+        if self.bcm and c_noise_end is None:
+            raise ValueError(
+                "this SongUNet was built with bcm=True and needs c_noise_end (the end time, same convention as c_noise)"
+            )
+        if not self.bcm and c_noise_end is not None:
+            raise ValueError(
+                "c_noise_end given but this SongUNet has no end-time embedding "
+                "(create it with bcm=True, e.g. cm_nets.create('ddpmpp-cifar10', bcm=True))"
+            )
+        emb = self._embed_noise(check_c_noise(c_noise, B), self.map_noise)
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError(
@@ -340,7 +372,11 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(tmp * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.bcm:
+            end = self._embed_noise(check_c_noise(c_noise_end, B, "c_noise_end"), self.map_noise_end)
+            emb = emb + self.map_layer1_end(F.silu(self.map_layer0_end(end)))
+        emb = F.silu(emb)
 
         x = x_in
         skips = []
