@@ -98,10 +98,16 @@ def ode_solving_error(
     progress=None,
     device="cpu",
     dtype=torch.float32,
+    sampler: str | None = None,
+    sampler_options: dict | None = None,
     **cond,
 ) -> dict:
     """Distance between the student's k-step samples (k = len(student_sigmas)) and the teacher's
     ODE solution from the same noise.
+
+    ``sampler``: the student's registered sampler with ``student_sigmas`` as its list (e.g.
+    "trigflow" times, "meanflow" times) and ``sampler_options``; default: onestep for one σ, else
+    multistep with ``renoise``.
 
     Returns ``{"mse"`` (per element, mean over images), ``"rmse"``, ``"l2"`` (mean per-image L2
     norm), ``"mse_per_image"``, and, when ``metric`` (images → float, e.g. FD-digits) is given,
@@ -125,8 +131,11 @@ def ode_solving_error(
         dtype=dtype,
         **cond,
     )
-    sampler = "onestep" if len(student_sigmas) == 1 else "multistep"
-    extra = {} if sampler == "onestep" else {"renoise": renoise}
+    if sampler is None:
+        sampler = "onestep" if len(student_sigmas) == 1 else "multistep"
+        extra = {} if sampler == "onestep" else {"renoise": renoise}
+    else:
+        extra = dict(sampler_options or {})
     x_student = torch.cat(
         [
             sample_batch(

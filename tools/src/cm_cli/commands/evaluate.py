@@ -322,12 +322,23 @@ def ode_error(checkpoint, teacher, num, nfe, teacher_points, cache, batch_size, 
             labels = torch.arange(num) % model.num_classes
     elif class_label is not None:
         raise click.UsageError(f"--class-label: {model.checkpoint} is unconditional")
+    import cm_core
+
+    from .sample import plan
+
+    own = {}
+    if "multistep" in cm_core.function_kind(model.kind).samplers:
+        student_sigmas = default_sigmas(model, "multistep", nfe)
+    else:  # a kind with its own sampler (sCM's TrigFlow times, MeanFlow's): as `cm sample` plans it
+        name, student_sigmas, options, _ = plan(model, "auto", nfe, None, None, None)
+        own = {"sampler": name, "sampler_options": options}
     r = cm_eval.ode_solving_error(
         model.function,
         denoiser.function,
         seeds=num,
         shape=model.sample_shape,
-        student_sigmas=default_sigmas(model, "multistep", nfe),
+        student_sigmas=student_sigmas,
+        **own,
         renoise=model.renoise,
         teacher_sigmas=cm_eval.default_teacher_sigmas(teacher_points, denoiser.sigma_min, denoiser.sigma_max),
         cache=cache,
