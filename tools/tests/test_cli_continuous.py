@@ -1,12 +1,12 @@
 """`cm train`, `cm sample` and `cm eval ode-error` on sCT, sCD and MeanFlow runs (tiny, a few steps):
 the commands work on the new function kinds unchanged, through their declared samplers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from cm_cli.main import cli
-
-from pathlib import Path
 
 DIGITS = Path(__file__).resolve().parents[2] / "packages" / "cm-train" / "configs" / "digits.toml"
 
@@ -56,3 +56,12 @@ def test_sample_and_ode_error_on_continuous_time_runs(runs, tmp_path, name, kind
     assert "ODE error: MSE" in result.output
     wrong = cm("sample", runs[name], "--num", 2, "--sampler", "heun", "--out", tmp_path / "x.npz")
     assert wrong.exit_code != 0 and sampler in wrong.output
+
+
+@pytest.mark.parametrize("name", ["sct", "meanflow"])
+def test_edit_on_continuous_time_runs(runs, tmp_path, name):
+    """The editors take the model as a consistency function of σ (an exact re-parameterization)."""
+    out = tmp_path / f"{name}-inpaint.png"
+    result = cm("edit", "inpaint", runs[name], "--input", "digits", "--mask", "right", "--limit", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()

@@ -245,3 +245,31 @@ def test_finite_difference_jvp_is_within_its_second_order_bound_of_the_exact_one
     assert err < 10 * eps**2 * exact.abs().max().item() + 1e-12, err
     _, coarse = jvp(lambda a, b: f.F(a, b), (x, t), (dx, dt), "fd", 10 * eps)
     assert (coarse - exact).abs().max().item() > 30 * err
+
+
+def test_sigma_consistency_is_an_exact_reparameterization():
+    """TrigFlow and MeanFlow models as f(x_σ, σ): the oracle's exact functions map to the exact EDM
+    consistency function, and the σ-based one-step sampler equals the model's own sampler."""
+
+    class Exact(nn.Module):  # F of the exact TrigFlow consistency function (one Gaussian: closed form)
+        bcm = True
+
+        def forward(self, x_in, c, **cond):
+            x_t = x_in * SD
+            cs, sn = torch.cos(c)[:, None], torch.sin(c)[:, None]
+            return (cs * x_t - GAUSS.trigflow_consistency(x_t, c, SD)) / (sn * SD)
+
+    f = C.sigma_consistency(C.TrigFlowFunction(Exact(), SD, "trig"))
+    x, sigma = _x(), torch.tensor([0.1, 0.5, 1.0, 3.0, 10.0, 80.0], dtype=torch.float64)
+    torch.testing.assert_close(f(x, sigma), GAUSS.flow(x, sigma, 0.0))
+
+    class ExactU(nn.Module):  # MeanFlow's exact average velocity, from the net's (t, t − r) inputs
+        bcm = True
+
+        def forward(self, z, t, c_noise_end=None, **cond):
+            return GAUSS.average_velocity(z, t - c_noise_end, t)
+
+    u = C.sigma_consistency(C.AverageVelocityFunction(ExactU()))
+    torch.testing.assert_close(u(x, sigma), GAUSS.flow(x, sigma, 0.0))
+    other = GAUSS.as_consistency_function()
+    assert C.sigma_consistency(other) is other  # a σ-based function is returned as it is

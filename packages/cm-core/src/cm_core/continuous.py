@@ -34,6 +34,7 @@ __all__ = [
     "TrigFlowVelocity",
     "AverageVelocityFunction",
     "FlowVelocity",
+    "sigma_consistency",
 ]
 
 HALF_PI = math.pi / 2
@@ -178,3 +179,31 @@ class AverageVelocityFunction(nn.Module):
     def forward(self, z: torch.Tensor, r, t, **cond) -> torch.Tensor:
         r, t = check_flow_times(_t(r, z), _t(t, z), SLACK)
         return self.net(z, t, c_noise_end=t - r, **cond)
+
+
+class _SigmaConsistency(nn.Module):
+    """A continuous-time model as a consistency function of EDM's σ, f(x_σ, σ) (the editors and the
+    σ-based samplers take it): TrigFlow at t = arctan(σ/σ_d) on x_t = cos t·x_σ; MeanFlow's one jump
+    to r = 0 at t = σ/(1 + σ) on z_t = (1 − t)·x_σ. Exact re-parameterizations, no approximation."""
+
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s
+        if isinstance(self.f, TrigFlowFunction):
+            t = torch.atan(s / self.f.sigma_data)
+            return self.f(_col(torch.cos(t), x) * x, t, **cond)
+        t = s / (1 + s)
+        z = _col(1 - t, x) * x
+        return z - _col(t, x) * self.f(z, torch.zeros_like(t), t, **cond)
+
+
+def sigma_consistency(f: nn.Module) -> nn.Module:
+    """``f`` as a consistency function f(x_σ, σ) of EDM's σ: TrigFlow and MeanFlow functions are
+    re-parameterized exactly; any other function is returned as it is."""
+    if isinstance(f, (TrigFlowFunction, AverageVelocityFunction)):
+        return _SigmaConsistency(f)
+    return f

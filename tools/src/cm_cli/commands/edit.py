@@ -57,6 +57,13 @@ def _common(f):
     return f
 
 
+def sigma_consistency(f):
+    """sCM / MeanFlow models as consistency functions of σ (exact; cm_core.continuous), others as they are."""
+    from cm_core.continuous import sigma_consistency as wrap
+
+    return wrap(f)
+
+
 def _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device, overwrite):
     import torch
 
@@ -145,7 +152,7 @@ def inpaint(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, netw
     model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
     m = _mask(mask, x)
-    y = cm_core.inpaint(model.function, x, m, ts, **kw)
+    y = cm_core.inpaint(sigma_consistency(model.function), x, m, ts, **kw)
     _save(out, [x, x * m, y], "original / masked (gray = to fill) / inpainted")
 
 
@@ -164,7 +171,7 @@ def colorize(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, net
                                    overwrite)  # fmt: skip
     if x.shape[1] != 3:
         raise ValueError(f"colorize needs RGB images; {model.checkpoint} makes {x.shape[1]}-channel images")
-    y = cm_core.colorize(model.function, x, ts, **kw)
+    y = cm_core.colorize(sigma_consistency(model.function), x, ts, **kw)
     _save(out, [x, cm_core.Colorization().grayscale(x), y], "original / grayscale / colorized")
 
 
@@ -184,7 +191,7 @@ def superres(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, net
 
     model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
-    y = cm_core.super_resolve(model.function, x, ts, patch_size=patch_size, **kw)
+    y = cm_core.super_resolve(sigma_consistency(model.function), x, ts, patch_size=patch_size, **kw)
     _save(out, [x, cm_core.SuperResolution(patch_size).downsample(x), y], "original / low-resolution / super-resolved")
 
 
@@ -201,7 +208,7 @@ def stroke(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, netwo
 
     model, x, out, ts, kw = _setup(checkpoint, images, out, nfe, sigmas, limit, seed, class_label, network, device,
                                    overwrite)  # fmt: skip
-    y = cm_core.stroke_edit(model.function, x, ts, **kw)
+    y = cm_core.stroke_edit(sigma_consistency(model.function), x, ts, **kw)
     _save(out, [x, x, y], "stroke painting / input / result")
 
 
@@ -248,7 +255,7 @@ def interpolate(checkpoint, seed_pair, points, nfe, sigmas, out, class_label, ne
     z2 = cm_eval.PerImageNoise([b]).randn(model.sample_shape).to(device)
     alphas = torch.linspace(0, 1, points).tolist()
     cond = model.cond(None if labels is None else labels.to(device))
-    x = cm_core.interpolate(model.function, z1, z2, alphas, ts, generator=torch.Generator().manual_seed(a),
+    x = cm_core.interpolate(sigma_consistency(model.function), z1, z2, alphas, ts, generator=torch.Generator().manual_seed(a),
                             sigma_min=model.sigma_min, **cond)  # fmt: skip
     _save(out, [x[:, 0]], f"seed {a} → seed {b}, α = {', '.join(f'{al:.2f}' for al in alphas)}")
 
