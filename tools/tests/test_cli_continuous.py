@@ -54,6 +54,8 @@ def test_sample_and_ode_error_on_continuous_time_runs(runs, tmp_path, name, kind
     result = cm("eval", "ode-error", runs[name], "--teacher", runs["edm"], "--num", 4, "--nfe", 2, "--teacher-points", 4)
     assert result.exit_code == 0, result.output
     assert "ODE error: MSE" in result.output
+    sweep = cm("eval", "sweep", runs[name], "--nfe", "1,2", "--num", 20, "--out", tmp_path / "sweep.png")
+    assert sweep.exit_code == 0, sweep.output
     wrong = cm("sample", runs[name], "--num", 2, "--sampler", "heun", "--out", tmp_path / "x.npz")
     assert wrong.exit_code != 0 and sampler in wrong.output
 

@@ -371,7 +371,7 @@ def sweep(checkpoint, metric, nfe_list, num, out, batch_size, network, device, j
     """A metric vs NFE on the default σ schedules of `cm sample`, plotted to --out.
 
     Consistency models sample with multistep on the Karras grid; BCM models with the
-    ancestral chain. The same seeds are used at every NFE.
+    ancestral chain; sCM and MeanFlow models with their own samplers. The same seeds are used at every NFE.
 
     \b
     Example:
@@ -385,10 +385,15 @@ def sweep(checkpoint, metric, nfe_list, num, out, batch_size, network, device, j
     model = load_model(checkpoint, network, device)
     if model.kind == "diffusion":
         raise CliError(f"sweep needs a consistency or BCM checkpoint; {model.checkpoint} is a diffusion model")
+    import cm_core
+
+    kind = cm_core.function_kind(model.kind)
     if model.kind == "bcm":
         sampler, options = "bcm-ancestral", {}
-    else:
+    elif "multistep" in kind.samplers:
         sampler, options = "multistep", {"sigma_min": model.sigma_min, "renoise": model.renoise}
+    else:  # sCM / MeanFlow: their own sampler and time lists
+        sampler, options = kind.default_sampler, {}
     lists = [default_sigmas(model, sampler, k, recipe=False) for k in nfes]  # the Karras sweep
     metrics = {"fd-digits": cm_eval.fd_digits}
     result = cm_eval.nfe_sweep(
