@@ -90,3 +90,20 @@ def test_a_backend_without_forward_ad_is_replaced_and_said_once(caplog):
     # outside a JVP, sdpa stays sdpa (no message)
     backends.attention(q, q, q, backend="sdpa")
     assert len([r for r in caplog.records if "forward-mode" in r.getMessage()]) == 1
+
+
+def test_the_fused_backend_keeps_its_own_forward_mode_rule(caplog):
+    """cm_kernels declares FORWARD_AD: under a JVP the fused kernel runs (no switch, no message) and
+    its tangent equals math's (float64: the reference path of both)."""
+    import cm_kernels
+    from cm_nets import backends
+
+    assert cm_kernels.FORWARD_AD
+    caplog.set_level(logging.WARNING, logger="cm_nets")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 16, 32, generator=g) for _ in range(3))
+    t = [torch.randn(2, 2, 16, 32, generator=g) for _ in range(3)]
+    fused = torch.func.jvp(lambda a, b, c: backends.attention(a, b, c, backend="fused", normalize="qkv"), (q, k, v), tuple(t))[1]
+    math_ = torch.func.jvp(lambda a, b, c: backends.attention(a, b, c, backend="math", normalize="qkv"), (q, k, v), tuple(t))[1]
+    torch.testing.assert_close(fused, math_, rtol=1e-4, atol=1e-5)
+    assert not [r for r in caplog.records if "forward-mode" in r.getMessage()]

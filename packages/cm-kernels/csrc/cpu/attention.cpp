@@ -15,6 +15,14 @@
 // head dims take the plain path: at::bmm on score blocks bounded by kScoreBudget elements, then
 // elementwise softmax passes.
 //
+// Forward-mode AD (normalized_attention_jvp, the JVP of the forward): with x_hat's tangent
+//   d(x_hat) = f dx - f^2 (x . dx) / (d rms) x,   f = 1 / (eps + rms), rms = ||x|| / sqrt(d),
+// p = softmax(S), S = scale q_hat k_hat^T and its tangent dS = scale (d(q_hat) k_hat^T + q_hat d(k_hat)^T),
+//   dO = p d(v_hat) + (p o (dS - rowsum(p o dS))) v_hat.
+// float32, bfloat16, float16 run the one-pass kernel of isa_core.h (O and dO from the same P,
+// the tangents gathered and differentiated alongside their rows); float64 and CUDA tensors use
+// the same formula in torch ops (cm_kernels/_forward_ad.py), so this op refuses float64.
+//
 // Skipping the softmax running max (the logit bound). Claim: for normalized q and k,
 // |scale * q_hat . k_hat| <= d * scale.  Proof: ||x_hat|| = ||x|| / (eps + ||x||/sqrt(d))
 //   = sqrt(d) * r / (eps + r) with r = ||x||/sqrt(d) >= 0, eps > 0, so ||x_hat|| < sqrt(d)
@@ -472,6 +480,116 @@ void fast_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   }
 }
 
+// O and its tangent dO (forward-mode AD) of one (batch x head, query range) per task, as
+// fast_forward; t* are the tangents of q, k, v (any strides, q's dtype).
+template <typename T>
+void fast_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tq, const at::Tensor& tk,
+              const at::Tensor& tv, at::Tensor& out, at::Tensor& tout, at::Tensor& lse, double scale, int mode,
+              double eps_d) {
+  const IsaKernels& isa = isa_kernels();
+  const int64_t BH = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), d = q.size(3);
+  const int64_t ldk = round_up(Nk, isa.tile_cols);
+  const float eps = static_cast<float>(eps_d);
+  const bool bounded = use_logit_bound(mode, d, scale);
+  const HeadRows<T> qr(q), kr(k), vr(v), tqr(tq), tkr(tk), tvr(tv), orows(out), torows(tout);
+  float* lse_p = lse.data_ptr<float>();  // [B, H, Nq] contiguous
+  const int64_t split = splits_for(BH, Nq, isa.group_rows);
+  const int64_t rows_per = round_up((Nq + split - 1) / split, isa.group_rows);
+  const int64_t strip = isa.group_rows * (ldk + isa.strip_pad);
+  at::parallel_for(0, BH * split, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> buf(Nq * d * 4 + Nk * d * 4 + 2 * d * ldk + 2 * strip);
+    float* Q = buf.data();
+    float* dQ = Q + Nq * d;
+    float* O = dQ + Nq * d;
+    float* dO = O + Nq * d;
+    float* Kp = dO + Nq * d;  // normalized K rows, transposed into KT
+    float* dKp = Kp + Nk * d;
+    float* V = dKp + Nk * d;
+    float* dV = V + Nk * d;
+    float* KT = dV + Nk * d;
+    float* dKT = KT + d * ldk;
+    float* S = dKT + d * ldk;
+    float* dS = S + strip;
+    int64_t loaded_bh = -1;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bh = task / split;
+      const int64_t r0 = std::min(Nq, (task % split) * rows_per), r1 = std::min(Nq, r0 + rows_per);
+      if (r0 >= r1) continue;
+      if (bh != loaded_bh) {  // K, V of this head and their tangents, normalized, K and dK transposed
+        gather(kr, bh, 0, Nk, d, Kp, isa);
+        gather(tkr, bh, 0, Nk, d, dKp, isa);
+        isa.normalize_jvp_rows(Kp, dKp, Nk, d, eps, 1.0f, mode != kNone);
+        transpose_tiles(Kp, Nk, d, KT, isa.tile_cols, ldk);
+        transpose_tiles(dKp, Nk, d, dKT, isa.tile_cols, ldk);
+        gather(vr, bh, 0, Nk, d, V, isa);
+        gather(tvr, bh, 0, Nk, d, dV, isa);
+        isa.normalize_jvp_rows(V, dV, Nk, d, eps, 1.0f, mode == kQKV);
+        loaded_bh = bh;
+      }
+      gather(qr, bh, r0, r1, d, Q + r0 * d, isa);
+      gather(tqr, bh, r0, r1, d, dQ + r0 * d, isa);
+      isa.normalize_jvp_rows(Q + r0 * d, dQ + r0 * d, r1 - r0, d, eps, static_cast<float>(scale), mode != kNone);
+      const JvpPanels f{Q,  dQ,  KT, dKT, V, dV, Nq, Nk, d, ldk, bounded, static_cast<float>(d * scale),
+                        O, dO, lse_p + bh * Nq};
+      isa.attn_jvp_rows(f, r0, r1, S, dS);
+      scatter(orows, bh, r0, r1, d, O + r0 * d, isa);
+      scatter(torows, bh, r0, r1, d, dO + r0 * d, isa);
+    }
+  });
+}
+
+void check_tangents(const std::array<at::Tensor, 3>& x, const std::array<at::Tensor, 3>& t) {
+  const char* names[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(t[i].sizes() == x[i].sizes(), "cm_kernels.normalized_attention_jvp: the tangent of ", names[i],
+                      " has shape ", t[i].sizes(), ", expected ", x[i].sizes());
+    TORCH_CHECK_TYPE(t[i].scalar_type() == x[i].scalar_type() && t[i].device() == x[i].device(),
+                     "cm_kernels.normalized_attention_jvp: the tangent of ", names[i], " must have its dtype and device");
+  }
+  TORCH_CHECK_TYPE(x[0].scalar_type() != at::kDouble,
+                   "cm_kernels.normalized_attention_jvp: float32, bfloat16 and float16 only (float64 takes the torch-op "
+                   "path of cm_kernels._forward_ad, which cm_kernels.normalized_attention uses under forward-mode AD)");
+  TORCH_CHECK_VALUE(x[0].size(3) % 16 == 0, "cm_kernels.normalized_attention_jvp: head dim ", x[0].size(3),
+                    " is not a multiple of 16");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jvp_into(const std::array<at::Tensor, 3>& x,
+                                                        const std::array<at::Tensor, 3>& t, at::Tensor out,
+                                                        at::Tensor out_view, at::Tensor tout, at::Tensor tout_view,
+                                                        double scale, int mode, double eps) {
+  check_tangents(x, t);
+  at::Tensor lse = at::empty({x[0].size(0), x[0].size(1), x[0].size(2)}, x[0].options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "normalized_attention_jvp_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>)
+      fast_jvp<scalar_t>(x[0], x[1], x[2], t[0], t[1], t[2], out_view, tout_view, lse, scale, mode, eps);
+  });
+  return {out, lse, tout};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& tq,
+                                                                 const at::Tensor& tk, const at::Tensor& tv,
+                                                                 double scale, c10::string_view normalize, double eps) {
+  check_attention(q, k, v, scale, eps);
+  const int mode = parse_normalize(normalize);
+  at::Tensor out = at::empty(q.sizes(), q.options()), tout = at::empty(q.sizes(), q.options());
+  return jvp_into({q, k, v}, {tq, tk, tv}, out, out, tout, tout, scale, mode, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_jvp_cpu(const at::Tensor& qkv, const at::Tensor& tqkv,
+                                                                     int64_t num_heads, double scale,
+                                                                     c10::string_view normalize, double eps) {
+  const auto parts = split_qkv(qkv, num_heads);
+  check_attention(parts[0], parts[1], parts[2], scale, eps);
+  TORCH_CHECK_VALUE(tqkv.sizes() == qkv.sizes(), "cm_kernels.normalized_attention_qkv_jvp: the tangent of qkv has shape ",
+                    tqkv.sizes(), ", expected ", qkv.sizes());
+  const int mode = parse_normalize(normalize);
+  at::Tensor out = at::empty({qkv.size(0), qkv.size(1) / 3, qkv.size(2)}, qkv.options());
+  at::Tensor tout = at::empty(out.sizes(), out.options());
+  return jvp_into(parts, split_qkv(tqkv, num_heads), out, heads_view(out, num_heads), tout, heads_view(tout, num_heads),
+                  scale, mode, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out,
                                             at::Tensor out_view, double scale, int mode, double eps) {
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(accumulate_type(q.scalar_type())));
@@ -546,6 +664,8 @@ TORCH_LIBRARY_IMPL(cm_kernels, CPU, m) {
   m.impl("normalized_attention_bwd", &attention_bwd_cpu);
   m.impl("normalized_attention_qkv_fwd", &attention_qkv_fwd_cpu);
   m.impl("normalized_attention_qkv_bwd", &attention_qkv_bwd_cpu);
+  m.impl("normalized_attention_jvp", &attention_jvp_cpu);
+  m.impl("normalized_attention_qkv_jvp", &attention_qkv_jvp_cpu);
 }
 
 }  // namespace cm_kernels

@@ -21,6 +21,18 @@ struct BwdPanels {
   float* dV;
 };
 
+// Forward-mode AD (JVP) of the attention on float panels of one head: the forward's panels plus
+// their tangents, dQ scaled like Q (scale * d(q_hat)) and dKT in KT's tiled layout.
+struct JvpPanels {
+  const float *Q, *dQ, *KT, *dKT, *V, *dV;  // see isa_core.h for the layouts
+  int64_t Nq, Nk, d, ldk;
+  bool bounded;
+  float bound;
+  float* O;
+  float* dO;
+  float* lse;
+};
+
 struct IsaKernels {
   const char* name;  // "avx512" | "avx2" | "base"
   int lanes;         // float lanes per vector
@@ -30,7 +42,11 @@ struct IsaKernels {
   int64_t key_chunk;   // backward key rows per chunk (pt, dst = key_chunk * tile_cols floats)
   void (*attn_fwd_rows)(const FwdPanels&, int64_t r0, int64_t r1, float* strip);
   void (*attn_bwd_keys)(const BwdPanels&, int64_t k0, int64_t k1, float* pt, float* dst);
+  // strip and dstrip: group_rows * (ldk + strip_pad) floats each
+  void (*attn_jvp_rows)(const JvpPanels&, int64_t r0, int64_t r1, float* strip, float* dstrip);
   void (*normalize_rows)(float* x, int64_t rows, int64_t d, float eps, float mult, bool normalize);
+  // x <- mult * x_hat and t <- mult * d(x_hat) for tangent t (the JVP of normalize_rows)
+  void (*normalize_jvp_rows)(float* x, float* t, int64_t rows, int64_t d, float eps, float mult, bool normalize);
   void (*normalize_bwd_rows)(const float* x, const float* g, float* out, int64_t rows, int64_t d, float eps, float mult,
                              bool normalize);
   void (*bf16_to_f32)(const uint16_t* src, float* dst, int64_t n);

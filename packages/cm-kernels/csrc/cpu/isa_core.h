@@ -20,6 +20,12 @@
 //   backward, per key range (rows of K, V) and block of TC queries: S^T and dP^T = V dO^T tiles
 //   recomputed (P^T = exp(S^T - lse), dS^T = P^T o (dP^T - delta)), then dV += P^T dO,
 //   dK += dS^T Qs, dQs = dS K over the key range: five register-blocked GEMMs, nothing N x N.
+//   JVP (forward-mode AD), per group of query rows as the forward, O and its tangent dO in one
+//   pass: the strip P = exp(S - m) as in the forward (same m, same row sums l), and alongside it a
+//   second strip dS = dQs K^T + Qs dK^T whose last GEMM's epilogue forms P o dS and its row sums
+//   c; then O = P V / l and dO = (P dV + (P o dS) V) / l - (c / l) O, the last term (the softmax
+//   JVP's row-mean correction, c / l = sum_j p_ij dS_ij) applied in the final GEMM's epilogue.
+//   Six register-blocked GEMMs, nothing N x N.
 // The register tiles: MR rows x NV vectors of accumulators, B rows loaded as NV vectors, A
 // broadcast one scalar per row (MR*NV + NV + 1 <= 32 registers on AVX-512, <= 16 otherwise).
 
@@ -259,6 +265,88 @@ static void attn_bwd_keys(const BwdPanels& b, int64_t k0, int64_t k1, float* pt,
   }
 }
 
+// Rows [r0, r1) of the forward and its tangent (JvpPanels: isa.h; dQ = scale * d(q_hat), dKT
+// tiled as KT). strip, dstrip: kGroup * (ldk + kStripPad) floats each. With p = P / l (the
+// softmax), dS = dQs K^T + Qs dK^T (the logits' tangent) and c = rowsum(p o dS):
+//   dO = p dV + (p o (dS - c)) V = (P dV + (P o dS) V) / l - c O.
+static void attn_jvp_rows(const JvpPanels& f, int64_t r0, int64_t r1, float* strip, float* dstrip) {
+  const int64_t d = f.d, ldk = f.ldk, Nk = f.Nk;
+  const int64_t lds = ldk % 256 == 0 ? ldk + kStripPad : ldk;
+  const int64_t tail = Nk % TC;
+  float rinv[kGroup], cmean[kGroup];
+  for (int64_t g0 = r0; g0 < r1; g0 += kGroup) {
+    const int64_t G = r1 - g0 < kGroup ? r1 - g0 : kGroup;
+    const float* Qg = f.Q + g0 * d;
+    const float* dQg = f.dQ + g0 * d;
+    vf rs[kGroup], cs[kGroup];
+    for (int64_t r = 0; r < G; ++r) rs[r] = cs[r] = vf{};
+    const vf m = splat(f.bound);
+    // dS tile j: dQs K^T, then += Qs dK^T with P o dS (and its row sums) in the epilogue. P of the
+    // tile is already in the strip, zero in the padded key columns.
+    auto ds_tile = [&](int64_t j) {
+      rows_gemm<NVS, false>(G, dQg, d, 1, f.KT + j * d, TC, d, dstrip + j, lds, NoEpi{});
+      auto epi = [&](int64_t r, int v, vf& x) {
+        x = load(strip + r * lds + j + v * W) * x;
+        cs[r] += x;
+      };
+      rows_gemm<NVS, true>(G, Qg, d, 1, f.dKT + j * d, TC, d, dstrip + j, lds, epi);
+    };
+    for (int64_t j = 0; j < ldk; j += TC) {
+      const bool last = j + TC > Nk && tail != 0;
+      if (f.bounded) {  // P known per tile: its dS tile follows while it is in L1
+        auto epi = [&](int64_t r, int v, vf& x) {
+          x = vexp(x - m);
+          if (last) {
+            for (int l = 0; l < W; ++l)
+              if (j + v * W + l >= Nk) x[l] = 0.f;
+          }
+          rs[r] += x;
+        };
+        rows_gemm<NVS, false>(G, Qg, d, 1, f.KT + j * d, TC, d, strip + j, lds, epi);
+        ds_tile(j);
+      } else {
+        rows_gemm<NVS, false>(G, Qg, d, 1, f.KT + j * d, TC, d, strip + j, lds, NoEpi{});
+      }
+    }
+    for (int64_t r = 0; r < G; ++r) {
+      float* row = strip + r * lds;
+      float mx = f.bound, l;
+      if (!f.bounded) {  // true row max, exponentials over the strip, padded columns zeroed
+        mx = row[0];
+        for (int64_t c = 1; c < Nk; ++c) mx = row[c] > mx ? row[c] : mx;
+        vf acc = vf{};
+        const vf mv = splat(mx);
+        int64_t c = 0;
+        for (; c + W <= Nk; c += W) {
+          const vf e = vexp(load(row + c) - mv);
+          store(row + c, e);
+          acc += e;
+        }
+        l = hsum(acc);
+        for (; c < Nk; ++c) {
+          vf e = vexp(splat(row[c] - mx));
+          row[c] = e[0];
+          l += e[0];
+        }
+        for (; c < ldk; ++c) row[c] = 0.f;
+      } else {
+        l = hsum(rs[r]);
+      }
+      f.lse[g0 + r] = mx + std::log(l);
+      rinv[r] = 1.0f / l;
+    }
+    if (!f.bounded)
+      for (int64_t j = 0; j < ldk; j += TC) ds_tile(j);
+    for (int64_t r = 0; r < G; ++r) cmean[r] = hsum(cs[r]) * rinv[r];
+    auto scale_rows = [&](int64_t r, int, vf& x) { x *= rinv[r]; };
+    rows_gemm_d<false>(G, d, strip, lds, 1, f.V, d, Nk, f.O + g0 * d, d, scale_rows);
+    rows_gemm_d<false>(G, d, strip, lds, 1, f.dV, d, Nk, f.dO + g0 * d, d, NoEpi{});
+    const float* Og = f.O + g0 * d;
+    auto finish = [&](int64_t r, int v, vf& x) { x = x * rinv[r] - load(Og + r * d + v * W) * cmean[r]; };
+    rows_gemm_d<true>(G, d, dstrip, lds, 1, f.V, d, Nk, f.dO + g0 * d, d, finish);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row passes.
 
@@ -301,6 +389,37 @@ static void normalize_bwd_rows(const float* x, const float* g, float* out, int64
     const float coef = rms > 0.f ? mult * f * f * hsum(sgx) / (static_cast<float>(d) * rms) : 0.f;
     const float fm = mult * f;
     for (int64_t c = 0; c < d; c += W) store(o + c, load(gr + c) * fm - load(xr + c) * coef);
+  }
+}
+
+// The JVP of normalize_rows: x <- mult * x f, t <- mult * (f t - f^2 (x . t) / (d rms) x) with
+// f = 1 / (eps + rms), rms = ||x|| / sqrt(d) (d rms / d x = x / (d rms); the second term is 0 at
+// x = 0, torch.linalg.vector_norm's subgradient); rows of length d.
+static void normalize_jvp_rows(float* x, float* t, int64_t rows, int64_t d, float eps, float mult, bool normalize) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float *xr = x + r * d, *tr = t + r * d;
+    if (!normalize) {
+      for (int64_t c = 0; c < d; c += W) {
+        store(xr + c, load(xr + c) * mult);
+        store(tr + c, load(tr + c) * mult);
+      }
+      continue;
+    }
+    vf sxx = vf{}, sxt = vf{};
+    for (int64_t c = 0; c < d; c += W) {
+      const vf xv = load(xr + c);
+      sxx += xv * xv;
+      sxt += load(tr + c) * xv;
+    }
+    const float rms = std::sqrt(hsum(sxx) / static_cast<float>(d));
+    const float f = 1.0f / (eps + rms);
+    const float coef = rms > 0.f ? mult * f * f * hsum(sxt) / (static_cast<float>(d) * rms) : 0.f;
+    const float fm = mult * f;
+    for (int64_t c = 0; c < d; c += W) {
+      const vf xv = load(xr + c);
+      store(tr + c, load(tr + c) * fm - xv * coef);
+      store(xr + c, xv * fm);
+    }
   }
 }
 

@@ -13,7 +13,9 @@ const IsaKernels& table() {
     k.key_chunk = kKeyChunk;
     k.attn_fwd_rows = attn_fwd_rows;
     k.attn_bwd_keys = attn_bwd_keys;
+    k.attn_jvp_rows = attn_jvp_rows;
     k.normalize_rows = normalize_rows;
+    k.normalize_jvp_rows = normalize_jvp_rows;
     k.normalize_bwd_rows = normalize_bwd_rows;
     k.bf16_to_f32 = bf16_to_f32;
     k.f32_to_bf16 = f32_to_bf16;

@@ -7,6 +7,10 @@ The compiled ops live in the ``torch.ops.cm_kernels`` namespace; only these wrap
 
 Dtypes: float32, float64 (CPU only), float16 and bfloat16. Half-precision inputs accumulate in
 float32; ``pseudo_huber_loss`` then returns float32, attention returns the input dtype.
+
+Both modes of AD: reverse (fused backward kernels) and forward (torch.func.jvp / jacfwd,
+torch.autograd.forward_ad; a fused CPU kernel for the attention's tangent), also under
+torch.compile; double backward and forward-over-reverse raise (README, "Forward-mode AD").
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from ._validate import SUPPORTED_HEAD_DIMS, check_attention, check_attention_qkv
 from .cpu import cpu_isa, set_cpu_isa, tune_cpu_allocator
 
 __version__ = "0.1.0"
+# Every op differentiates in forward mode (the compiled ops through _ops' forward-AD kernels, the
+# reference fallback as plain torch ops): cm_nets keeps the fused attention backend under a JVP.
+FORWARD_AD = True
 __all__ = [
+    "FORWARD_AD",
     "SUPPORTED_HEAD_DIMS",
     "KernelFallbackWarning",
     "backends",
