@@ -245,7 +245,9 @@ def _make_objective(cfg: Config, teacher):
         renamed = {"metric": "distance", "c": "distance and huber_c"}.get(unknown[0])  # cm < 0.3 spellings
         hint = f" (renamed: use {renamed})" if renamed else ""
         raise ConfigError(
-            f"objective.kwargs.{unknown[0]} is not an argument of {name!r}{hint}; valid: {sorted(params)}"
+            f"objective.kwargs.{unknown[0]} is not an argument of {name!r}{hint}; valid: {sorted(params)} "
+            "(a config's kwargs belong to its own objective: with another objective.name pass objective.kwargs={} "
+            "or that objective's own)"
         )
     for key, value in cls.run_defaults(total_steps=cfg.run.total_steps).items():
         kwargs.setdefault(key, value)
