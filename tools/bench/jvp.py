@@ -30,7 +30,6 @@ but writes no --json/--markdown file and exits with status 3, unless --force.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -41,16 +40,9 @@ import cm_kernels
 import torch
 from cm_kernels import reference
 from cm_nets.files import atomic_write_text
-from timing import cpu_name, median_ms
+from timing import cpu_name, kernel_machine, load_average, median_ms
 
 IMPLS = ("cm_kernels", "math")
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
 def inputs(B, H, N, d, dtype, seed=0):
@@ -183,20 +175,8 @@ def main(argv=None) -> int:
               "(relative)", flush=True)  # fmt: skip
     load_end = load_average()
     print(f"load average at the end: {load_end:.2f}")
-    from cm_kernels import _build_info
-
     result = {
-        "machine": {
-            "cpu": cpu_name(),
-            "cores": cores,
-            "date": datetime.date.today().isoformat(),
-            "load_start": load_start,
-            "load_end": load_end,
-            "torch": torch.__version__,
-            "cm_kernels": f"{cm_kernels.__version__} ({getattr(_build_info, 'CUDA_REASON', '')})",
-            "cpu_isa": cm_kernels.cpu_isa(),
-            "command": "python tools/bench/jvp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        },
+        "machine": kernel_machine("jvp.py", argv, cores, load_start, load_end),
         "shape": list(shape),
         "dtype": args.dtype,
         "runs": runs,

@@ -34,7 +34,6 @@ exits with status 3, unless --force. CUDA: tools/bench/gpu.py (part of tools/gpu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -45,19 +44,12 @@ import torch
 import torch.nn.functional as F
 from cm_kernels import reference
 from cm_nets.files import atomic_write_text
-from timing import cpu_name, forward_backward, median_ms
+from timing import cpu_name, forward_backward, kernel_machine, load_average, median_ms
 
 ATTN_CASES = [(N, d) for N in (64, 256, 1024) for d in (32, 64, 128)]
 QUICK_ATTN_CASES = [(64, 64), (256, 64), (1024, 64), (256, 32), (256, 128)]
 ROWS = 8192  # B * H * N per attention case
 HEADS = 4
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
 def copy_bandwidth(args) -> float:
@@ -203,21 +195,8 @@ def main(argv=None) -> int:
         runs.append({"threads": t, "copy_gbs": copy_gbs, "loss": loss, "attention": attention})
     load_end = load_average()
     print(f"\nload average at the end: {load_end:.2f} (cores: {cores})")
-    from cm_kernels import _build_info
-
     result = {
-        "machine": {
-            "cpu": cpu_name(),
-            "cores": cores,
-            "date": datetime.date.today().isoformat(),
-            "load_start": load_start,
-            "load_end": load_end,
-            "torch": torch.__version__,
-            "cm_kernels": f"{cm_kernels.__version__} ({getattr(_build_info, 'CUDA_REASON', '')})",
-            "cpu_isa": cm_kernels.cpu_isa(),
-            "malloc": malloc,
-            "command": "python tools/bench/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        },
+        "machine": kernel_machine("kernels.py", argv, cores, load_start, load_end, malloc=malloc),
         "runs": runs,
     }
     print("\n" + markdown(result))

@@ -8,6 +8,8 @@ input it just wrote is not credited with cache bandwidth.
 
 from __future__ import annotations
 
+import datetime
+import os
 import platform
 import statistics
 import time
@@ -114,3 +116,33 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """The 1-minute load average (nan where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def kernel_machine(script: str, argv, cores: int, load_start: float, load_end: float, **extra) -> dict:
+    """The "machine" record of a cm-kernels benchmark's JSON: CPU, cores, date, load at start and end,
+    torch and cm-kernels versions, the ISA in use and the command line (``script`` plus ``argv``)."""
+    import sys
+
+    import cm_kernels
+    from cm_kernels import _build_info
+
+    return {
+        "cpu": cpu_name(),
+        "cores": cores,
+        "date": datetime.date.today().isoformat(),
+        "load_start": load_start,
+        "load_end": load_end,
+        "torch": torch.__version__,
+        "cm_kernels": f"{cm_kernels.__version__} ({getattr(_build_info, 'CUDA_REASON', '')})",
+        "cpu_isa": cm_kernels.cpu_isa(),
+        **extra,
+        "command": f"python tools/bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }

@@ -43,16 +43,6 @@ def isa(request):
         _ops().set_cpu_isa("auto")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield 2
-    finally:
-        torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------
 # Attention helpers
 

@@ -37,16 +37,6 @@ def isa(request):
         cm_kernels.set_cpu_isa("auto")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield 2
-    finally:
-        torch.set_num_threads(before)
-
-
 def _draw(B, H, Nq, Nk, d, seed):
     """q, k, v and their tangents tq, tk, tv in float64."""
     g = torch.Generator().manual_seed(seed)
