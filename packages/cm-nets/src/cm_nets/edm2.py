@@ -181,7 +181,10 @@ class EDM2UNet(nn.Module):
         channels_per_head: int = 64,
         attention_backend: str = "auto",
         bcm: bool = False,
+        fourier_bandwidth: float = 1.0,
     ):
+        if not fourier_bandwidth > 0:
+            raise ValueError(f"fourier_bandwidth must be > 0, got {fourier_bandwidth}")
         check_backend(attention_backend)
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -189,7 +192,9 @@ class EDM2UNet(nn.Module):
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
         self.label_dim, self.label_balance, self.concat_balance = label_dim, label_balance, concat_balance
         self.out_gain = nn.Parameter(torch.zeros([]))
-        self.emb_fourier = MPFourier(cnoise)
+        # fourier_bandwidth: EDM2's 1; below 1 a lower-frequency embedding for objectives that
+        # differentiate in time (sCM, MeanFlow).
+        self.emb_fourier = MPFourier(cnoise, fourier_bandwidth)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
         kw = dict(dropout=dropout, channels_per_head=channels_per_head, attention_backend=attention_backend)
@@ -234,7 +239,7 @@ class EDM2UNet(nn.Module):
         # mp_sum(a, u, t) with t = g/(1 + g) for g > −1), with a non-zero gradient for g from the start.
         self.bcm = bool(bcm)
         if self.bcm:
-            self.emb_fourier_end = MPFourier(cnoise)
+            self.emb_fourier_end = MPFourier(cnoise, fourier_bandwidth)
             self.emb_noise_end = MPConv(cnoise, cemb, kernel=[])
             self.emb_end_gain = nn.Parameter(torch.zeros([]))
 

@@ -236,7 +236,10 @@ class SongUNet(nn.Module):
         resample_filter: Sequence[int] = (1, 1),
         attention_backend: str = "auto",
         bcm: bool = False,
+        fourier_scale: float = 16.0,
     ):
+        if not fourier_scale > 0:
+            raise ValueError(f"fourier_scale must be > 0, got {fourier_scale}")
         for name, value, valid in (
             ("embedding_type", embedding_type, ("fourier", "positional")),
             ("encoder_type", encoder_type, ("standard", "skip", "residual")),
@@ -268,7 +271,9 @@ class SongUNet(nn.Module):
             attention_backend=attention_backend,
         )
 
-        self.map_noise = FourierEmbedding(noise_channels) if embedding_type == "fourier" else None
+        # fourier_scale: NCSN++'s 16; continuous-time objectives (sCM) differentiate in t and want a
+        # low-frequency embedding (the sCM paper uses 0.02 with c_noise = t).
+        self.map_noise = FourierEmbedding(noise_channels, fourier_scale) if embedding_type == "fourier" else None
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -324,7 +329,7 @@ class SongUNet(nn.Module):
         # (a bcm=True network and a default one from the same seed agree until the branch trains).
         self.bcm = bool(bcm)
         if self.bcm:
-            self.map_noise_end = FourierEmbedding(noise_channels) if embedding_type == "fourier" else None
+            self.map_noise_end = FourierEmbedding(noise_channels, fourier_scale) if embedding_type == "fourier" else None
             self.map_layer0_end = Linear(noise_channels, emb_channels, **init)
             self.map_layer1_end = Linear(emb_channels, emb_channels, init_mode="xavier_uniform", init_weight=0)
 
