@@ -73,7 +73,6 @@ def teacher_samples(f, noise: torch.Tensor, prompts: Sequence[str], *, steps: in
                     solver: str = "ddim", batch_size: int = 8, device=None, progress=None) -> torch.Tensor:  # fmt: skip
     """The guided teacher's ODE solutions [N, C, h, w] (latents) from ``noise`` [N, C, h, w]: ``steps``
     solver steps on LCM's grid (k−1 … T−1, then to ᾱ_0), guidance w in diffusers' scale."""
-    import cm_core
     from cm_core import discrete
 
     _check(noise, prompts, f)
@@ -86,7 +85,7 @@ def teacher_samples(f, noise: torch.Tensor, prompts: Sequence[str], *, steps: in
         x = noise[idx.start : idx.stop].to(device)
         b = x.shape[0]
         for t, t_prev in zip(ts, ts[1:]):
-            x = cm_core.discrete.solver_step(
+            x = discrete.solver_step(
                 vp, lambda a, tt: f.teacher_x0_eps(a, tt, emb, guidance), x,
                 torch.full((b,), t), torch.full((b,), t_prev), solver,
             )  # fmt: skip

@@ -135,6 +135,7 @@ class DiffusersNet(nn.Module):
         self.force_zeros = parts["force_zeros_for_empty_prompt"]
         self.base_dtype = dtype
         self.lora: dict | None = None
+        self._empty: tuple[torch.device, dict] | None = None  # the "" prompt's embedding (frozen encoders)
         self.cm_nets_config = {"preset": "diffusers", "kwargs": {"path": self.path}}
 
     # ---- construction ----------------------------------------------------------------------
@@ -266,7 +267,10 @@ class DiffusersNet(nn.Module):
                 "text_embeds": torch.zeros_like(embeddings["text_embeds"]),
                 "time_ids": embeddings["time_ids"],
             }
-        null = self.encode_text([""] * b)
+        device = self._device()
+        if self._empty is None or self._empty[0] != device:  # constant: encoded once, not per teacher call
+            self._empty = (device, self.encode_text([""]))
+        null = {k: v.expand(b, *v.shape[1:]) for k, v in self._empty[1].items()}
         if "time_ids" in embeddings:
             null["time_ids"] = embeddings["time_ids"]
         return null

@@ -96,7 +96,7 @@ def _default_guidance(kwargs: dict) -> float:
     return float(kwargs.get("guidance_scale", 8.0))
 
 
-def _save_set(out: Path, name: str, latents, images, prompts) -> None:
+def _save_set(out: Path, name: str, latents, images) -> None:
     import cm_eval
 
     pngs = out / name
@@ -166,12 +166,12 @@ def sample(run, prompts, noise, out, nfe_list, teacher, teacher_steps, guidance,
     if teacher:
         click.echo(f"teacher: {solver} × {steps} steps, guidance {w:g}, {len(z)} images", err=True)
         lat = T.teacher_samples(f, z, text, steps=steps, guidance=w, solver=solver, batch_size=batch_size, device=device)
-        _save_set(out, "teacher", lat, T.decode(net, lat, batch_size), text)
+        _save_set(out, "teacher", lat, T.decode(net, lat, batch_size))
         record["teacher"] = {"steps": steps, "guidance": w, "solver": solver}
     for n in nfes:
         click.echo(f"student: {n} NFE, {len(z)} images", err=True)
         lat = T.student_samples(f, z, text, n, original_steps=original, seed=seed, batch_size=batch_size, device=device)
-        _save_set(out, f"nfe-{n}", lat, T.decode(net, lat, batch_size), text)
+        _save_set(out, f"nfe-{n}", lat, T.decode(net, lat, batch_size))
     cm_eval.write_report(out / "samples.json", record)
     click.echo(f"wrote {out}: {'teacher + ' if teacher else ''}students at {nfe_list} NFE, {len(z)} images each "
                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
