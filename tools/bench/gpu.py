@@ -21,6 +21,10 @@ a run killed from outside keeps what it measured.
                 F.scaled_dot_product_attention (flash backend on CUDA, the default on CPU);
                 bf16 on CUDA (fp32 on CPU), d = 64, N = 256 and 1024 (--tiny: 64 and 128), forward
                 and forward+backward. FLOPs: forward 4*B*H*N^2*d, forward+backward 3.5x that.
+  jvp           torch.func.jvp of cm_kernels.normalized_attention (the fused JVP kernel: output and
+                tangent in one pass) vs torch.func.jvp of the reference (normalize + matmul/softmax),
+                normalize="qkv", same dtype and sizes as attention (--tiny: N = 64): time, peak CUDA
+                memory above the inputs, and the largest difference of the two tangents.
   train_step    one iCT optimizer step (objective, backward, RAdam) of adm-imagenet64-no32-qkv,
                 bf16 autocast, batch 64 at 64x64, fused attention then SDPA (--tiny: a 2-level
                 32-channel version of the same preset at 16x16, batch 2, fused only): img/s and
@@ -219,6 +223,55 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
             )
 
 
+def _peak_mib(fn, device: torch.device) -> float | None:
+    """Peak CUDA memory above what was allocated before one call of fn, in MiB (None on CPU:
+    tools/bench/jvp.py measures the CPU's)."""
+    if device.type != "cuda":
+        return None
+    _free(device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure_jvp(m: Measure, device: torch.device, args) -> None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    d = 64
+    configs = [(1, 2, 64, d)] if args.tiny else [(64, 8, 256, d), (16, 8, 1024, d)]
+
+    def jvp_of(attn, q, k, v, tq, tk, tv):
+        return lambda: torch.func.jvp(attn, (q, k, v), (tq, tk, tv))
+
+    impls = {"cm_kernels": cm_kernels.normalized_attention, "normalize+math": reference.normalized_attention}
+    for B, H, N, d in configs:
+        if m.late(f"N={N}"):
+            return
+        g = torch.Generator(device=device).manual_seed(0)
+        x = [torch.randn(B, H, N, d, device=device, dtype=dtype, generator=g) for _ in range(6)]
+        fns = {name: jvp_of(f, *x) for name, f in impls.items()}
+        with torch.no_grad():
+            (_, t_fused), (_, t_math) = fns["cm_kernels"](), fns["normalize+math"]()
+            diff = (t_fused.float() - t_math.float()).abs().max().item()
+        peaks = {name: _peak_mib(fn, device) for name, fn in fns.items()}
+        ms = median_ms(fns, device, args.warmup, args.repeat, deadline=m.deadline)
+        m.rows.append(
+            dict(
+                dtype=_dtype_name(dtype),
+                shape=f"{B}x{H}x{N}x{d}",
+                N=N,
+                cm_kernels_ms=ms["cm_kernels"],
+                math_ms=ms["normalize+math"],
+                speedup=ms["normalize+math"] / ms["cm_kernels"],
+                cm_kernels_peak_mib=peaks["cm_kernels"],
+                math_peak_mib=peaks["normalize+math"],
+                max_abs_diff=diff,
+            )
+        )
+
+
 def _network_setup(args):
     if args.tiny:
         return dict(TINY_OVERRIDES), TINY_SHAPE
@@ -307,6 +360,19 @@ MEASURES = [
         "SDPA backend: flash on CUDA, default on CPU. speedup = norm+SDPA time / cm_kernels time. FLOPs: fwd "
         "4·B·H·N²·d, fwd+bwd 3.5× that. max abs diff: forward outputs of the two.",
         measure_attention,
+    ),
+    (
+        "jvp",
+        "normalized attention JVP (forward mode) vs torch.func.jvp of normalize + math attention",
+        [("dtype", "dtype"), ("shape", "B×H×N×d"), ("cm_kernels_ms", "cm_kernels ms"), ("math_ms", "norm+math ms"),
+         ("speedup", "speedup"), ("cm_kernels_peak_mib", "cm_kernels peak MiB"),
+         ("math_peak_mib", "norm+math peak MiB"), ("max_abs_diff", "max abs diff")],  # fmt: skip
+        "torch.func.jvp of cm_kernels.normalized_attention (normalize=\"qkv\"; the fused JVP kernel: output and "
+        "tangent in one pass) and of cm_kernels.reference.normalized_attention (EDM2 normalization, matmul, "
+        "softmax, matmul: what backends without a forward-mode rule fall back to). speedup = norm+math time / "
+        "cm_kernels time. Peak MiB: CUDA memory above the inputs during one call (CUDA only; "
+        "tools/bench/jvp.py measures the CPU). max abs diff: the two tangents.",
+        measure_jvp,
     ),
     (
         "train_step",
@@ -486,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="folder for gpu_check.md and gpu_check.json (default: $OUT when set)"
     )
     parser.add_argument(
-        "--time-limit", type=float, default=20.0, help="seconds per measure (default 20; 4 measures)"
+        "--time-limit", type=float, default=20.0, help="seconds per measure (default 20; 5 measures)"
     )
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 20, --tiny 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per case (default 3, --tiny 1)")

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MEASURES = {
     "pseudo_huber": ("gb_per_s", "ms"),
     "attention": ("cm_kernels_ms", "sdpa_ms", "speedup", "cm_kernels_tflops", "sdpa_tflops"),
+    "jvp": ("cm_kernels_ms", "math_ms", "speedup"),
     "train_step": ("step_ms", "img_per_s"),
     "sampling": ("ms", "img_per_s"),
 }
@@ -68,6 +69,9 @@ def test_gpu_check_dry_run(tmp_path):
     attention = data["measures"]["attention"]["rows"]
     assert {r["N"] for r in attention} == {64, 128} and {r["pass_"] for r in attention} == {"fwd", "fwd+bwd"}
     assert all(0 <= r["max_abs_diff"] < 1e-4 for r in attention)  # fp32 on CPU: the two agree
+    jvp = data["measures"]["jvp"]["rows"]
+    assert [r["N"] for r in jvp] == [64] and all(0 <= r["max_abs_diff"] < 1e-4 for r in jvp)  # exact tangents agree
+    assert jvp[0]["cm_kernels_peak_mib"] is None  # CUDA only
     assert data["measures"]["train_step"]["rows"][0]["peak_gib"] is None  # CUDA only
     assert [r["nfe"] for r in data["measures"]["sampling"]["rows"]] == [1, 2]
     assert (out / "logs" / "benchmark.log").is_file()

@@ -50,6 +50,17 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_VALUE(scale > 0 && eps > 0, "cm_kernels.normalized_attention: scale and eps must be > 0");
 }
 
+// The forward-mode tangents of q, k, v have their primals' shapes, dtypes and devices.
+inline void check_tangents(const std::array<at::Tensor, 3>& x, const std::array<at::Tensor, 3>& t) {
+  const char* names[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(t[i].sizes() == x[i].sizes(), "cm_kernels.normalized_attention_jvp: the tangent of ", names[i],
+                      " has shape ", t[i].sizes(), ", expected ", x[i].sizes());
+    TORCH_CHECK_TYPE(t[i].scalar_type() == x[i].scalar_type() && t[i].device() == x[i].device(),
+                     "cm_kernels.normalized_attention_jvp: the tangent of ", names[i], " must have its dtype and device");
+  }
+}
+
 // Views q, k, v [B, H, N, d] of the ADM channels-first qkv [B, 3*H*d, N] tensor, channel order
 // (three, heads, d); no copy: the kernels read these strided views directly.
 inline std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t num_heads) {

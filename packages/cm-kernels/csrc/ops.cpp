@@ -28,8 +28,9 @@ TORCH_LIBRARY(cm_kernels, m) {
   // openai's QKVAttention; out [B, H*d, N]; the gradient is returned in the qkv layout.
   m.def("normalized_attention_qkv_fwd(Tensor qkv, int num_heads, float scale, str normalize, float eps) -> (Tensor, Tensor)");
   // Forward-mode AD: the forward and its tangent in one pass, given the tangents tq, tk, tv of q, k,
-  // v (tqkv of qkv). Returns (out, logsumexp, tangent of out). CPU float32/bfloat16/float16; the
-  // Python side (cm_kernels/_forward_ad.py) runs the same formula in torch ops elsewhere.
+  // v (tqkv of qkv). Returns (out, logsumexp, tangent of out). CPU and CUDA float32/bfloat16/float16
+  // (CPU: head dims a multiple of 16; CUDA: the forward's head dims); the Python side
+  // (cm_kernels/_forward_ad.py) runs the same formula in torch ops elsewhere.
   m.def("normalized_attention_jvp(Tensor q, Tensor k, Tensor v, Tensor tq, Tensor tk, Tensor tv, float scale, str normalize, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("normalized_attention_qkv_jvp(Tensor qkv, Tensor tqkv, int num_heads, float scale, str normalize, float eps) -> (Tensor, Tensor, Tensor)");
   // The instruction set the CPU kernels use ("avx512" | "avx2" | "base", chosen at run time), and

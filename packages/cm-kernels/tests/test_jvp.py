@@ -461,19 +461,109 @@ def test_double_backward_raises():
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA: the torch-op formula (no CUDA JVP kernel); skipped without a GPU
+# CUDA: the fused JVP kernel (csrc/cuda/attention_kernels.cuh attn_jvp_kernel); skipped without a GPU
+
+CUDA_SHAPES = [  # B, H, Nq, Nk, d: tails of the 32-key tiles and 16/8-row blocks, Nq != Nk, every d
+    (1, 1, 1, 1, 16),
+    (2, 3, 37, 70, 32),
+    (1, 2, 65, 100, 64),
+    (2, 1, 49, 130, 96),
+    (1, 2, 100, 33, 128),
+    (2, 4, 257, 256, 64),
+]
+
+
+def _cuda_jvp_case(shape, mode, dtype, seed, how="ops"):
+    """(got, truth, baseline) on CUDA: the public wrapper under torch.func.jvp ("jvp") or the
+    JVP op itself ("ops": proves the kernel, not the torch-op formula, ran), the float64 truth of
+    the inputs as rounded to dtype, and torch.func.jvp of the reference in dtype on the GPU."""
+    primals, tangents = _draw(*shape, seed=seed)
+    p = [x.to("cuda", dtype) for x in primals]
+    t = [x.to("cuda", dtype) for x in tangents]
+    d = shape[-1]
+    if how == "ops":
+        out, lse, tout = torch.ops.cm_kernels.normalized_attention_jvp(*p, *t, 1 / math.sqrt(d), mode, 1e-4)
+        assert lse.dtype == torch.float32 and lse.shape == shape[:3]
+        got = (out, tout)
+    else:
+        got = _jvp(_attn(cm_kernels.normalized_attention, normalize=mode), p, t)
+    truth = _truth([x.cpu() for x in p], [x.cpu() for x in t], normalize=mode)
+    baseline = _jvp(_attn(reference.normalized_attention, normalize=mode), p, t)
+    return [x.cpu() for x in got], truth, [x.cpu() for x in baseline]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_attention_jvp_cuda_kernel(shape, mode, dtype):
+    got, truth, baseline = _cuda_jvp_case(shape, mode, dtype, seed=sum(shape) + 3)
+    _assert_matches(got, truth, dtype, None if dtype == torch.float32 else baseline, f"[cuda {shape} {mode}]")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attention_jvp_cuda(mode, dtype):
-    primals, tangents = _draw(2, 3, 70, 90, 64, seed=24)
-    truth = _truth(primals, tangents, normalize=mode)
-    on_gpu = [x.to("cuda", dtype) for x in primals], [t.to("cuda", dtype) for t in tangents]
-    got = [x.cpu() for x in _jvp(_attn(cm_kernels.normalized_attention, normalize=mode), *on_gpu)]
-    baseline = None
-    if dtype == torch.bfloat16:
-        baseline = [x.cpu() for x in _jvp(_attn(reference.normalized_attention, normalize=mode), *on_gpu)]
-        truth = _truth([x.cpu() for x in on_gpu[0]], [t.cpu() for t in on_gpu[1]], normalize=mode)
-    _assert_matches(got, truth, dtype, baseline, f"[cuda {dtype} {mode}]")
+    got, truth, baseline = _cuda_jvp_case((2, 3, 70, 90, 64), mode, dtype, seed=24, how="jvp")
+    _assert_matches(got, truth, dtype, None if dtype == torch.float32 else baseline, f"[cuda {dtype} {mode}]")
+
+
+@pytest.mark.cuda
+def test_attention_jvp_cuda_other_head_dim_uses_the_formula():
+    # d = 48: no CUDA kernel instance; the torch-op formula runs and is exact all the same.
+    got, truth, _ = _cuda_jvp_case((1, 2, 20, 30, 48), "qkv", torch.float32, seed=25, how="jvp")
+    _assert_matches(got, truth, torch.float32, what="[cuda d=48]")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,scale", [(32, 40.0 / 32), (64, 1.0)])  # at the logit bound; past it (true max)
+def test_attention_jvp_cuda_logit_bound_and_true_max(d, scale):
+    (q, k, v), (tq, tk, tv) = _draw(1, 2, 40, 50, d, seed=26)
+    p = [x.float().cuda() for x in (q, k, v)]
+    t = [x.float().cuda() for x in (tq, tk, tv)]
+    out, _, tout = torch.ops.cm_kernels.normalized_attention_jvp(*p, *t, scale, "qk", 1e-4)
+    truth = _truth([x.cpu() for x in p], [x.cpu() for x in t], normalize="qk", scale=scale)
+    for a, ref in zip((out, tout), truth):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double().cpu(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_attention_jvp_cuda_zero_head_vector():
+    (q, k, v), (tq, tk, tv) = _draw(1, 1, 4, 6, 32, seed=5)
+    q[0, 0, 1] = 0
+    k[0, 0, 2] = 0
+    p = [x.float().cuda() for x in (q, k, v)]
+    t = [x.float().cuda() * 1e-4 for x in (tq, tk, tv)]
+    got = [x.cpu() for x in _jvp(cm_kernels.normalized_attention, p, t)]
+    _assert_matches(got, _truth([x.cpu() for x in p], [x.cpu() for x in t]), torch.float32, what="[cuda x=0]")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_qkv_jvp_cuda(dtype):
+    # ADM's channels-first layout: strided q, k, v and tangents, out and its tangent in [B, H*d, N].
+    B, H, d, N = 2, 3, 64, 77
+    g = torch.Generator().manual_seed(27)
+    qkv = torch.randn(B, N, 3 * H * d, generator=g, dtype=torch.float64).transpose(1, 2).to("cuda", dtype)
+    tqkv = torch.randn(B, 3 * H * d, N, generator=g, dtype=torch.float64).to("cuda", dtype)
+    out, _, tout = torch.ops.cm_kernels.normalized_attention_qkv_jvp(qkv, tqkv, H, 1 / math.sqrt(d), "qkv", 1e-4)
+    ref = lambda x: reference.normalized_attention_qkv(x, H, normalize="qkv")  # noqa: E731
+    truth = _jvp(ref, (qkv.double().cpu(),), (tqkv.double().cpu(),))
+    baseline = [x.cpu() for x in _jvp(ref, (qkv,), (tqkv,))] if dtype == torch.bfloat16 else None
+    _assert_matches((out.cpu(), tout.cpu()), truth, dtype, baseline, "[cuda qkv]")
+    got = [x.cpu() for x in _jvp(lambda x: cm_kernels.normalized_attention_qkv(x, H), (qkv,), (tqkv,))]
+    _assert_matches(got, truth, dtype, baseline, "[cuda qkv wrapper]")
+
+
+@pytest.mark.cuda
+def test_attention_jvp_cuda_opcheck_and_compile():
+    (q, k, v), (tq, tk, tv) = _draw(2, 2, 9, 7, 32, seed=28)
+    args = [x.float().cuda().requires_grad_() for x in (q, k, v, tq, tk, tv)]
+    torch.library.opcheck(torch.ops.cm_kernels.normalized_attention_jvp.default, (*args, 0.2, "qkv", 1e-4))
+    p, t = [x.detach() for x in args[:3]], [x.detach() for x in args[3:]]
+    torch._dynamo.reset()
+    fn = torch.compile(_attn(cm_kernels.normalized_attention, normalize="qkv"), backend="aot_eager", fullgraph=True)
+    got = [x.cpu() for x in _jvp(fn, p, t)]
+    _assert_matches(got, _truth([x.cpu() for x in p], [x.cpu() for x in t], normalize="qkv"), torch.float32)

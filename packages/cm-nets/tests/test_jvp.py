@@ -78,7 +78,8 @@ def test_every_attention_backend_gives_a_correct_tangent(name, backend, caplog):
 def test_a_backend_without_forward_ad_is_replaced_and_said_once(caplog):
     from cm_nets import backends
 
-    backends._logged.discard(("forward-ad", "sdpa"))
+    for instead in ("fused", "math"):
+        backends._logged.discard(("forward-ad", "sdpa", instead))
     caplog.set_level(logging.WARNING, logger="cm_nets")
     q = torch.randn(1, 2, 8, 16)
     for _ in range(2):
@@ -87,6 +88,11 @@ def test_a_backend_without_forward_ad_is_replaced_and_said_once(caplog):
     torch.testing.assert_close(tangent, ref)
     said = [r for r in caplog.records if "forward-mode" in r.getMessage() and "sdpa" in r.getMessage()]
     assert len(said) == 1
+    # on the CPU the fused kernel's one-pass JVP replaces it where it covers the call, else math
+    import cm_kernels
+
+    fused_here = cm_kernels.backends()["normalized_attention"]["backend"] != "reference"
+    assert ("using fused" if fused_here else "using math") in said[0].getMessage()
     # outside a JVP, sdpa stays sdpa (no message)
     backends.attention(q, q, q, backend="sdpa")
     assert len([r for r in caplog.records if "forward-mode" in r.getMessage()]) == 1
@@ -107,3 +113,29 @@ def test_the_fused_backend_keeps_its_own_forward_mode_rule(caplog):
     math_ = torch.func.jvp(lambda a, b, c: backends.attention(a, b, c, backend="math", normalize="qkv"), (q, k, v), tuple(t))[1]
     torch.testing.assert_close(fused, math_, rtol=1e-4, atol=1e-5)
     assert not [r for r in caplog.records if "forward-mode" in r.getMessage()]
+
+
+@pytest.mark.parametrize("dtype,head,expect", [(torch.float32, 16, "fused"), (torch.float32, 24, "math"),
+                                               (torch.float64, 16, "math")])  # fmt: skip
+def test_the_replacement_under_a_jvp(dtype, head, expect, monkeypatch):
+    """Which backend replaces one without a forward-mode rule: the fused CPU JVP where it covers
+    the call (not float64, head dim a multiple of 16), math elsewhere; the tangent is exact either way."""
+    import cm_kernels
+    from cm_nets import backends
+
+    if expect == "fused" and cm_kernels.backends()["normalized_attention"]["backend"] == "reference":
+        expect = "math"  # no compiled kernels: no fused JVP
+    seen = []
+    real = cm_kernels.normalized_attention
+    monkeypatch.setattr(cm_kernels, "normalized_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 12, head, generator=g, dtype=dtype) for _ in range(3))
+    t = tuple(torch.randn(1, 2, 12, head, generator=g, dtype=dtype) for _ in range(3))
+    got = torch.func.jvp(lambda a, b, c: backends.attention(a, b, c, backend="sdpa", normalize="qk"), (q, k, v), t)[1]
+    assert bool(seen) == (expect == "fused")
+    truth = torch.func.jvp(
+        lambda a, b, c: backends.attention(a, b, c, backend="math", normalize="qk"),
+        tuple(x.double() for x in (q, k, v)),
+        tuple(x.double() for x in t),
+    )[1]
+    torch.testing.assert_close(got.double(), truth, rtol=1e-4, atol=1e-5)

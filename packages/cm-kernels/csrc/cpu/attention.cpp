@@ -538,14 +538,8 @@ void fast_jvp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   });
 }
 
-void check_tangents(const std::array<at::Tensor, 3>& x, const std::array<at::Tensor, 3>& t) {
-  const char* names[] = {"q", "k", "v"};
-  for (int i = 0; i < 3; ++i) {
-    TORCH_CHECK_VALUE(t[i].sizes() == x[i].sizes(), "cm_kernels.normalized_attention_jvp: the tangent of ", names[i],
-                      " has shape ", t[i].sizes(), ", expected ", x[i].sizes());
-    TORCH_CHECK_TYPE(t[i].scalar_type() == x[i].scalar_type() && t[i].device() == x[i].device(),
-                     "cm_kernels.normalized_attention_jvp: the tangent of ", names[i], " must have its dtype and device");
-  }
+void check_cpu_tangents(const std::array<at::Tensor, 3>& x, const std::array<at::Tensor, 3>& t) {
+  check_tangents(x, t);
   TORCH_CHECK_TYPE(x[0].scalar_type() != at::kDouble,
                    "cm_kernels.normalized_attention_jvp: float32, bfloat16 and float16 only (float64 takes the torch-op "
                    "path of cm_kernels._forward_ad, which cm_kernels.normalized_attention uses under forward-mode AD)");
@@ -557,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jvp_into(const std::array<at::Ten
                                                         const std::array<at::Tensor, 3>& t, at::Tensor out,
                                                         at::Tensor out_view, at::Tensor tout, at::Tensor tout_view,
                                                         double scale, int mode, double eps) {
-  check_tangents(x, t);
+  check_cpu_tangents(x, t);
   at::Tensor lse = at::empty({x[0].size(0), x[0].size(1), x[0].size(2)}, x[0].options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "normalized_attention_jvp_cpu", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>)

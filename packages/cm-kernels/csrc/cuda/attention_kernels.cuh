@@ -10,6 +10,7 @@
 // once by row_factor_kernel and applied while staging tiles.
 //   forward: online softmax; with normalized q, k and d * scale <= 40 the running max is
 //            replaced by the bound d * scale (proof in cpu/attention.cpp), saving the rescales.
+//   jvp:      O and its forward-mode tangent in one pass (attn_jvp_kernel).
 //   backward: delta_i = dO_i . O_i; dq kernel (rows = queries, tiles over keys) and dk/dv kernel
 //            (rows = keys, tiles over queries) each recompute P = exp(S - lse): no atomics.
 #pragma once
@@ -334,6 +335,177 @@ __global__ void __launch_bounds__(kWarps * 32) attn_dkv_kernel(CmkAttnParams p, 
   }
 }
 
+// Forward-mode AD factors of one row: x_hat = f x and d(x_hat) = f dx - cf x, with
+//   f = mult / (eps + rms),  cf = mult (x . dx) / (D rms (eps + rms)^2)   (0 at x = 0, the subgradient
+// torch.linalg.vector_norm takes there; f = mult and cf = 0 without normalization). One warp per row.
+template <typename T, int D>
+__global__ void row_jvp_factor_kernel(CmkView x, CmkView t, int64_t H, int64_t N, int64_t rows, int normalize,
+                                      float eps, float mult, float* __restrict__ f, float* __restrict__ cf) {
+  const int64_t r = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;  // warp-uniform
+  const int64_t n = r % N, h = (r / N) % H, b = r / (N * H);
+  float ss = 0.f, xt = 0.f;
+  for (int c = lane; c < D; c += 32) {
+    const float xv = ld<T>(x, b, h, n, c);
+    ss = fmaf(xv, xv, ss);
+    xt = fmaf(xv, ld<T>(t, b, h, n, c), xt);
+  }
+  ss = warp_sum(ss);
+  xt = warp_sum(xt);
+  if (lane == 0) {
+    const float rms = sqrtf(ss / (float)D);
+    const float inv = 1.f / (eps + rms);
+    f[r] = normalize ? mult * inv : mult;
+    cf[r] = (normalize && rms > 0.f) ? mult * inv * inv * xt / ((float)D * rms) : 0.f;
+  }
+}
+
+// Forward-mode AD: O and its tangent dO in one pass (float32 accumulation), rows and tiles as
+// attn_fwd_kernel. With S = q_hat k_hat^T (scale folded into q_hat), P = softmax(S):
+//   dS = dq_hat k_hat^T + q_hat dk_hat^T
+//   dO = P dv_hat + (P o dS) v_hat - rowsum(P o dS) O
+// accumulated online with the same running max as O: l = sum e, ld = sum e dS, acc = sum e v_hat,
+// tacc = sum (e dv_hat + e dS v_hat); at the end O = acc / l, dO = tacc / l - (ld / l) O. Each key
+// tile is staged twice through the same two buffers (K, dK for the logits, then V, dV for the
+// sums), so D = 128 fits the 48 KiB of static shared memory.
+template <typename T, int D, int RPW>
+__global__ void __launch_bounds__(kWarps * 32) attn_jvp_kernel(CmkAttnParams p, CmkView q, CmkView k, CmkView v,
+                                                               CmkView tq, CmkView tk, CmkView tv, CmkMutView out,
+                                                               CmkMutView tout, float* __restrict__ lse,
+                                                               const float* __restrict__ fq,
+                                                               const float* __restrict__ cq,
+                                                               const float* __restrict__ fk,
+                                                               const float* __restrict__ ck,
+                                                               const float* __restrict__ fv,
+                                                               const float* __restrict__ cv) {
+  constexpr int VPL = (D + 31) / 32, ROWS = kWarps * RPW;
+  __shared__ float sQ[ROWS][D];
+  __shared__ float sdQ[ROWS][D];
+  __shared__ float sA[kTile][D + 1];  // K, then V
+  __shared__ float sB[kTile][D + 1];  // dK, then dV
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int64_t q0 = (int64_t)blockIdx.y * ROWS;
+  for (int idx = threadIdx.x; idx < ROWS * D; idx += blockDim.x) {
+    int r, c;
+    tile_index(idx, q.stride[3] == 1, ROWS, D, r, c);
+    const int64_t n = q0 + r;
+    if (n < p.Nq) {
+      const float x = ld<T>(q, b, h, n, c);
+      sQ[r][c] = x * fq[bh * p.Nq + n];  // fq, cq include scale
+      sdQ[r][c] = ld<T>(tq, b, h, n, c) * fq[bh * p.Nq + n] - cq[bh * p.Nq + n] * x;
+    } else {
+      sQ[r][c] = sdQ[r][c] = 0.f;
+    }
+  }
+  float m[RPW], l[RPW], lds[RPW], acc[RPW][VPL], tacc[RPW][VPL];
+#pragma unroll
+  for (int rr = 0; rr < RPW; ++rr) {
+    m[rr] = p.use_bound ? p.bound : -INFINITY;
+    l[rr] = lds[rr] = 0.f;
+#pragma unroll
+    for (int c = 0; c < VPL; ++c) acc[rr][c] = tacc[rr][c] = 0.f;
+  }
+  for (int64_t k0 = 0; k0 < p.Nk; k0 += kTile) {
+    __syncthreads();  // the previous tile's V, dV are consumed
+    for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
+      int r, c;
+      tile_index(idx, k.stride[3] == 1, kTile, D, r, c);
+      const int64_t n = k0 + r;
+      if (n < p.Nk) {
+        const float x = ld<T>(k, b, h, n, c);
+        sA[r][c] = x * fk[bh * p.Nk + n];
+        sB[r][c] = ld<T>(tk, b, h, n, c) * fk[bh * p.Nk + n] - ck[bh * p.Nk + n] * x;
+      } else {
+        sA[r][c] = sB[r][c] = 0.f;
+      }
+    }
+    __syncthreads();
+    const bool valid = k0 + lane < p.Nk;  // lane 0 is always valid: k0 < Nk
+    float s[RPW], ds[RPW];
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+      const int r = warp * RPW + rr;
+      float sv = 0.f, dv = 0.f;
+#pragma unroll 8
+      for (int c = 0; c < D; ++c) {
+        sv = fmaf(sQ[r][c], sA[lane][c], sv);
+        dv = fmaf(sdQ[r][c], sA[lane][c], dv);
+        dv = fmaf(sQ[r][c], sB[lane][c], dv);
+      }
+      s[rr] = valid ? sv : -INFINITY;
+      ds[rr] = valid ? dv : 0.f;
+    }
+    __syncthreads();  // K, dK are consumed
+    for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
+      int r, c;
+      tile_index(idx, v.stride[3] == 1, kTile, D, r, c);
+      const int64_t n = k0 + r;
+      if (n < p.Nk) {
+        const float x = ld<T>(v, b, h, n, c);
+        sA[r][c] = x * fv[bh * p.Nk + n];
+        sB[r][c] = ld<T>(tv, b, h, n, c) * fv[bh * p.Nk + n] - cv[bh * p.Nk + n] * x;
+      } else {
+        sA[r][c] = sB[r][c] = 0.f;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+      if (!p.use_bound) {
+        const float m_new = fmaxf(m[rr], warp_max(s[rr]));
+        const float corr = expf(m[rr] - m_new);  // first tile: exp(-inf) = 0
+        l[rr] *= corr;
+        lds[rr] *= corr;
+#pragma unroll
+        for (int c = 0; c < VPL; ++c) {
+          acc[rr][c] *= corr;
+          tacc[rr][c] *= corr;
+        }
+        m[rr] = m_new;
+      }
+      const float e = valid ? expf(s[rr] - m[rr]) : 0.f;
+      const float ed = e * ds[rr];
+      l[rr] += e;
+      lds[rr] += ed;
+#pragma unroll 4
+      for (int j = 0; j < kTile; ++j) {
+        const float ej = __shfl_sync(kFull, e, j);
+        const float edj = __shfl_sync(kFull, ed, j);
+#pragma unroll
+        for (int c = 0; c < VPL; ++c) {
+          const int cc = lane + 32 * c;
+          if (cc < D) {
+            acc[rr][c] = fmaf(ej, sA[j][cc], acc[rr][c]);
+            tacc[rr][c] = fmaf(ej, sB[j][cc], fmaf(edj, sA[j][cc], tacc[rr][c]));
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int64_t n = q0 + warp * RPW + rr;
+    const float lsum = warp_sum(l[rr]);
+    const float dsum = warp_sum(lds[rr]);
+    if (n < p.Nq) {
+      const float inv = 1.f / lsum;
+      const float mean_ds = dsum * inv;  // rowsum(P o dS)
+#pragma unroll
+      for (int c = 0; c < VPL; ++c) {
+        const int cc = lane + 32 * c;
+        if (cc < D) {
+          const float o = acc[rr][c] * inv;
+          st<T>(out, b, h, n, cc, o);
+          st<T>(tout, b, h, n, cc, fmaf(tacc[rr][c], inv, -mean_ds * o));
+        }
+      }
+      if (lane == 0) lse[bh * p.Nq + n] = m[rr] + logf(lsum);
+    }
+  }
+}
+
 inline unsigned blocks_for(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }
 
 template <typename T, int D>
@@ -374,6 +546,39 @@ int attn_bwd_d(CmkAttnParams p, CmkView dout, CmkView q, CmkView k, CmkView v, C
   return (int)cudaGetLastError();
 }
 
+template <typename T, int D>
+int attn_jvp_d(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkView tq, CmkView tk, CmkView tv, CmkMutView out,
+               CmkMutView tout, float* lse, float* ws, cudaStream_t stream) {
+  constexpr int RPW = D >= 128 ? 2 : 4;  // keeps static shared memory under 48 KiB
+  const int64_t BH = p.B * p.H;
+  float* fq = ws;
+  float* cq = fq + BH * p.Nq;
+  float* fk = cq + BH * p.Nq;
+  float* ck = fk + BH * p.Nk;
+  float* fv = ck + BH * p.Nk;
+  float* cv = fv + BH * p.Nk;
+  const int threads = kWarps * 32;
+  row_jvp_factor_kernel<T, D><<<blocks_for(BH * p.Nq, kWarps), threads, 0, stream>>>(q, tq, p.H, p.Nq, BH * p.Nq, p.mode != 0, p.eps, p.scale, fq, cq);
+  row_jvp_factor_kernel<T, D><<<blocks_for(BH * p.Nk, kWarps), threads, 0, stream>>>(k, tk, p.H, p.Nk, BH * p.Nk, p.mode != 0, p.eps, 1.f, fk, ck);
+  row_jvp_factor_kernel<T, D><<<blocks_for(BH * p.Nk, kWarps), threads, 0, stream>>>(v, tv, p.H, p.Nk, BH * p.Nk, p.mode == 2, p.eps, 1.f, fv, cv);
+  const dim3 grid((unsigned)BH, blocks_for(p.Nq, kWarps * RPW));
+  attn_jvp_kernel<T, D, RPW><<<grid, threads, 0, stream>>>(p, q, k, v, tq, tk, tv, out, tout, lse, fq, cq, fk, ck, fv, cv);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int attn_jvp_t(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkView tq, CmkView tk, CmkView tv, CmkMutView out,
+               CmkMutView tout, float* lse, float* ws, cudaStream_t stream) {
+  switch (p.d) {
+    case 16: return attn_jvp_d<T, 16>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
+    case 32: return attn_jvp_d<T, 32>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
+    case 64: return attn_jvp_d<T, 64>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
+    case 96: return attn_jvp_d<T, 96>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
+    case 128: return attn_jvp_d<T, 128>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
+
 template <typename T>
 int attn_fwd_t(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkMutView out, float* lse, float* ws,
                cudaStream_t stream) {
@@ -407,4 +612,6 @@ int attn_bwd_t(CmkAttnParams p, CmkView dout, CmkView q, CmkView k, CmkView v, C
   template int cmk::attn_fwd_t<T>(CmkAttnParams, CmkView, CmkView, CmkView, CmkMutView, float*, float*,     \
                                   cudaStream_t);                                                            \
   template int cmk::attn_bwd_t<T>(CmkAttnParams, CmkView, CmkView, CmkView, CmkView, CmkView, const float*, \
-                                  CmkMutView, CmkMutView, CmkMutView, float*, cudaStream_t);
+                                  CmkMutView, CmkMutView, CmkMutView, float*, cudaStream_t);             \
+  template int cmk::attn_jvp_t<T>(CmkAttnParams, CmkView, CmkView, CmkView, CmkView, CmkView, CmkView,     \
+                                  CmkMutView, CmkMutView, float*, float*, cudaStream_t);

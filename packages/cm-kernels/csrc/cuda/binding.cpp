@@ -154,6 +154,47 @@ at::Tensor attention_qkv_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& 
   return dqkv;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jvp_into(const std::array<at::Tensor, 3>& x,
+                                                        const std::array<at::Tensor, 3>& t, at::Tensor out,
+                                                        at::Tensor out_view, at::Tensor tout, at::Tensor tout_view,
+                                                        double scale, int mode, double eps) {
+  check_tangents(x, t);
+  const CmkAttnParams p = params(x[0], x[1], scale, mode, eps);
+  const auto fopt = x[0].options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({p.B, p.H, p.Nq}, fopt);
+  at::Tensor ws = at::empty({cmk_attn_jvp_workspace(p)}, fopt);
+  check_launch(cmk_attn_jvp(dtype_code(x[0].scalar_type()), p, view(x[0]), view(x[1]), view(x[2]), view(t[0]),
+                            view(t[1]), view(t[2]), mut_view(out_view), mut_view(tout_view), lse.data_ptr<float>(),
+                            ws.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+               "normalized_attention_jvp");
+  return {out, lse, tout};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& tq,
+                                                                  const at::Tensor& tk, const at::Tensor& tv,
+                                                                  double scale, c10::string_view normalize,
+                                                                  double eps) {
+  check_attention(q, k, v, scale, eps);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options()), tout = at::empty(q.sizes(), q.options());
+  return jvp_into({q, k, v}, {tq, tk, tv}, out, out, tout, tout, scale, parse_normalize(normalize), eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_jvp_cuda(const at::Tensor& qkv, const at::Tensor& tqkv,
+                                                                      int64_t num_heads, double scale,
+                                                                      c10::string_view normalize, double eps) {
+  const auto parts = split_qkv(qkv, num_heads);
+  check_attention(parts[0], parts[1], parts[2], scale, eps);
+  TORCH_CHECK_VALUE(tqkv.sizes() == qkv.sizes(), "cm_kernels.normalized_attention_qkv_jvp: the tangent of qkv has shape ",
+                    tqkv.sizes(), ", expected ", qkv.sizes());
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  at::Tensor out = at::empty({qkv.size(0), qkv.size(1) / 3, qkv.size(2)}, qkv.options());
+  at::Tensor tout = at::empty(out.sizes(), out.options());
+  return jvp_into(parts, split_qkv(tqkv, num_heads), out, heads_view(out, num_heads), tout,
+                  heads_view(tout, num_heads), scale, parse_normalize(normalize), eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cm_kernels, CUDA, m) {
@@ -163,6 +204,8 @@ TORCH_LIBRARY_IMPL(cm_kernels, CUDA, m) {
   m.impl("normalized_attention_bwd", &attention_bwd_cuda);
   m.impl("normalized_attention_qkv_fwd", &attention_qkv_fwd_cuda);
   m.impl("normalized_attention_qkv_bwd", &attention_qkv_bwd_cuda);
+  m.impl("normalized_attention_jvp", &attention_jvp_cuda);
+  m.impl("normalized_attention_qkv_jvp", &attention_qkv_jvp_cuda);
 }
 
 }  // namespace cm_kernels

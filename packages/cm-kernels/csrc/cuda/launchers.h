@@ -42,15 +42,20 @@ int cmk_pseudo_huber_bwd(int dtype, const float* grad_loss, const void* pred, co
 
 // ---- normalized attention ----
 int cmk_attn_head_dim_supported(int64_t d);
-// workspace floats needed by fwd / bwd.
+// workspace floats needed by fwd / bwd / jvp.
 int64_t cmk_attn_fwd_workspace(CmkAttnParams p);
 int64_t cmk_attn_bwd_workspace(CmkAttnParams p);
+int64_t cmk_attn_jvp_workspace(CmkAttnParams p);
 // out: [B, H, Nq, d] (strided, input dtype); lse: [B*H*Nq] float.
 int cmk_attn_fwd(int dtype, CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkMutView out, float* lse,
                  float* workspace, cudaStream_t stream);
 int cmk_attn_bwd(int dtype, CmkAttnParams p, CmkView dout, CmkView q, CmkView k, CmkView v, CmkView out,
                  const float* lse, CmkMutView dq, CmkMutView dk, CmkMutView dv, float* workspace,
                  cudaStream_t stream);
+// Forward-mode AD: out and its tangent tout (both [B, H, Nq, d], strided, input dtype) given the
+// tangents tq, tk, tv of q, k, v (their layouts); lse as cmk_attn_fwd.
+int cmk_attn_jvp(int dtype, CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkView tq, CmkView tk, CmkView tv,
+                 CmkMutView out, CmkMutView tout, float* lse, float* workspace, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

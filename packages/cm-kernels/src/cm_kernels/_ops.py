@@ -9,7 +9,7 @@ Each op's Autograd kernel handles both modes of AD:
             kernel alone cannot do this: it takes the autograd path only for inputs that require
             grad, so forward-mode tangents were dropped and came out as silent zeros. Here the
             kernel looks for tangents first; the attention ops then run their JVP (the fused CPU
-            kernel, or the torch-op formula of ``_forward_ad``) and return the output as a dual
+            or CUDA kernel, or the torch-op formula of ``_forward_ad``) and return the output as a dual
             tensor; pseudo_huber_fwd adds its tangent in torch ops; the backward ops refuse with an
             error that names them (forward-over-reverse is not implemented).
 The tangent rules sit in the kernels rather than in autograd.Function.jvp on the Python wrappers
@@ -203,9 +203,18 @@ def _reverse(name, backward, setup_context):
 # ---- the Autograd kernels: forward-mode tangents first, else reverse mode as above ----
 
 
+_CUDA_HEAD_DIMS = (16, 32, 64, 96, 128)  # csrc/cuda/attention.cu: cmk_attn_head_dim_supported
+
+
 def _fused_jvp(x: torch.Tensor) -> bool:
-    """The fused CPU JVP kernel covers this input (else the torch-op formula runs)."""
-    return x.device.type == "cpu" and x.dtype != torch.float64 and x.shape[-1] % 16 == 0
+    """A fused JVP kernel covers this input (else the torch-op formula runs): the CPU one for head
+    dims a multiple of 16, the CUDA one (reached only when the CUDA kernels are built: the Python
+    wrappers send CUDA tensors here only then) for the forward's head dims; neither for float64."""
+    if x.dtype == torch.float64:
+        return False
+    if x.device.type == "cpu":
+        return x.shape[-1] % 16 == 0
+    return x.device.type == "cuda" and x.shape[-1] in _CUDA_HEAD_DIMS
 
 
 _ph_reverse = _reverse("pseudo_huber_fwd", _ph_backward, _ph_setup)

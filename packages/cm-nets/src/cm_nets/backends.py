@@ -213,20 +213,37 @@ def _has_forward_ad(name: str) -> bool:
     return False
 
 
+def _fused_jvp_here(q: torch.Tensor) -> bool:
+    """The fused kernel's one-pass CPU JVP covers this call: measured 3.35x/3.75x faster than
+    torch.func.jvp of normalize + math attention with 19x less memory (bench/RESULTS.md, "JVP").
+    CUDA keeps math until tools/gpu_check.sh has measured the CUDA JVP kernel."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype != torch.float64
+        and q.shape[-1] % 16 == 0
+        and _installed("fused")
+        and bool(getattr(__import__("cm_kernels"), "FORWARD_AD", False))
+        and _unsupported("fused", q) is None
+    )
+
+
 def _forward_ad_backend(name: str, q: torch.Tensor) -> str:
-    """``name``, or "math" when a JVP runs through attention and ``name`` has no forward-mode rule
-    (said once per backend)."""
+    """``name``, or a backend with a forward-mode rule when a JVP runs through attention and
+    ``name`` has none: the fused kernel where its fused CPU JVP covers the call, else math (said
+    once per backend and replacement)."""
     if _has_forward_ad(name) or not forward_ad_active(q):
         return name
-    key = ("forward-ad", name)
+    instead = "fused" if _fused_jvp_here(q) else "math"
+    key = ("forward-ad", name, instead)
     if key not in _logged:
         _logged.add(key)
         logger.warning(
             "cm_nets attention: forward-mode AD (a JVP) runs through attention and backend %s has no forward-mode "
-            "rule; using math (explicit softmax) for these calls",
+            "rule; using %s for these calls",
             name,
+            "fused (cm_kernels' one-pass JVP kernel)" if instead == "fused" else "math (explicit softmax)",
         )
-    return "math"
+    return instead
 
 
 def _math(q, k, v, scale):
