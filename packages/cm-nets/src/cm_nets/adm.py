@@ -5,7 +5,8 @@ Module names and tensor shapes reproduce openai's ``UNetModel`` state_dict exact
 ``output_blocks.N.M``, ``out.{0,2}``), so the published checkpoints load with ``strict=True``.
 Options from the BCM seed (Li & He 2024): attention resolutions without 32×32 ("no32"),
 normalized ("cosine") q/k/v, per-level high-resolution dropout, and the bidirectional
-``t_end`` embedding (``bcm=True``).
+``t_end`` embedding (``bcm=True``); from sCM (Lu & Song 2025): adaptive double normalization
+(``ada_norm="double"``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import NORMALIZE_MODES, attention_qkv, check_backend
-from .layers import GroupNorm32, check_c_noise, embed_labels, sinusoidal_embedding
+from .layers import GroupNorm32, check_ada_norm, check_c_noise, embed_labels, pixel_norm, sinusoidal_embedding
 
 
 class EmbedSequential(nn.Sequential):
@@ -53,7 +54,15 @@ class Upsample(nn.Module):
 
 class ResBlock(nn.Module):
     """GN–SiLU–conv, + embedding (added, or FiLM scale/shift on the second GN), GN–SiLU–dropout–
-    zero-init conv, + skip; optional nearest-up / avg-pool-down between the first SiLU and conv."""
+    zero-init conv, + skip; optional nearest-up / avg-pool-down between the first SiLU and conv.
+
+    With ``use_scale_shift_norm`` the embedding's affine output [s, b] (``emb_layers``, 2C wide)
+    modulates the second GroupNorm: ``ada_norm="plain"`` is openai's AdaGN
+    ``GN(h) · (1 + s) + b``; ``ada_norm="double"`` is sCM's adaptive double normalization
+    ``GN(h) · pnorm(s) + pnorm(b)``, pnorm = :func:`~cm_nets.layers.pixel_norm` over the C
+    channels of each sample's s and b separately (unit RMS, eps 1e-8). No "1 +": pnorm(s) already
+    has unit RMS (the paper writes AdaGN as ``norm(x) ⊙ s(t) + b(t)`` and normalizes s itself).
+    GN keeps its own affine weight and bias, as in the plain block. Same tensors either way."""
 
     def __init__(
         self,
@@ -64,10 +73,17 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool = False,
         up: bool = False,
         down: bool = False,
+        ada_norm: str = "plain",
     ):
         super().__init__()
+        check_ada_norm(ada_norm)
+        if ada_norm == "double" and not use_scale_shift_norm:
+            raise ValueError(
+                "ada_norm='double' normalizes AdaGN's scale and shift: it needs use_scale_shift_norm=True"
+            )
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.ada_norm = ada_norm
         self.in_layers = nn.Sequential(
             GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -97,13 +113,17 @@ class ResBlock(nn.Module):
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
+        if self.ada_norm == "double":  # pnorm of the affine output before the cast (>= float32 inside)
+            s, b = self.emb_layers(emb).chunk(2, dim=1)
+            scale, shift = (pixel_norm(v).to(h.dtype)[:, :, None, None] for v in (s, b))
+            h = self.out_layers[0](h) * scale + shift
+            h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
+        elif self.use_scale_shift_norm:
+            scale, shift = self.emb_layers(emb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
             h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
         else:
-            h = self.out_layers(h + emb_out)
+            h = self.out_layers(h + self.emb_layers(emb).to(h.dtype)[:, :, None, None])
         return self.skip_connection(x) + h
 
 
@@ -157,7 +177,12 @@ class ADMUNet(nn.Module):
     ``dropout_highres`` (BCM/iCT: 0.2) replaces ``dropout`` at the levels with index ≥ 2 and in
     the middle block. ``bcm=True`` adds ``time_embed_end`` (initialized as a copy of
     ``time_embed``) and ``time_embed_align`` (Linear 2E→E, no bias, initialized [I | 0]), so at
-    initialization the output does not depend on ``c_noise_end``."""
+    initialization the output does not depend on ``c_noise_end``.
+
+    ``ada_norm``: ``"plain"`` (default, openai's AdaGN ``GN(h)·(1 + s) + b``) or ``"double"``
+    (sCM's adaptive double normalization ``GN(h)·pnorm(s) + pnorm(b)``, Lu & Song 2025 §4.1; see
+    :class:`ResBlock`). ``"double"`` needs ``use_scale_shift_norm=True`` and has the same tensors,
+    so openai checkpoints load into it (as a different function)."""
 
     def __init__(
         self,
@@ -179,8 +204,15 @@ class ADMUNet(nn.Module):
         attention_normalize: str = "none",
         attention_backend: str = "auto",
         bcm: bool = False,
+        ada_norm: str = "plain",
     ):
         super().__init__()
+        check_ada_norm(ada_norm)
+        if ada_norm == "double" and not use_scale_shift_norm:
+            raise ValueError(
+                "ada_norm='double' (sCM's adaptive double normalization) normalizes AdaGN's scale and "
+                "shift: it needs use_scale_shift_norm=True (this network has none)"
+            )
         if attention_normalize not in NORMALIZE_MODES:
             raise ValueError(f"attention_normalize must be one of {NORMALIZE_MODES}, got {attention_normalize!r}")
         check_backend(attention_backend)
@@ -198,6 +230,7 @@ class ADMUNet(nn.Module):
             )
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.num_classes, self.bcm = model_channels, num_classes, bcm
+        self.ada_norm = ada_norm
         emb_dim = model_channels * 4
 
         def heads(ch: int) -> int:
@@ -213,7 +246,7 @@ class ADMUNet(nn.Module):
         def drop(level: int) -> float:
             return dropout_highres if (dropout_highres is not None and level >= 2) else dropout
 
-        res_kw = dict(emb_channels=emb_dim, use_scale_shift_norm=use_scale_shift_norm)
+        res_kw = dict(emb_channels=emb_dim, use_scale_shift_norm=use_scale_shift_norm, ada_norm=ada_norm)
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if bcm:
             self.time_embed_end = nn.Sequential(

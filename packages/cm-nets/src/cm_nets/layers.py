@@ -1,4 +1,5 @@
-"""Building blocks shared by the networks: noise embeddings, float32 GroupNorm, label embedding."""
+"""Building blocks shared by the networks: noise embeddings, float32 GroupNorm, label embedding,
+pixel normalization for sCM's adaptive double normalization."""
 
 from __future__ import annotations
 
@@ -10,10 +11,30 @@ from torch import nn
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and returned in the input dtype (openai ``GroupNorm32``):
-    half-precision statistics over 32 groups of up to 768·4096 values lose too many bits."""
+    half-precision statistics over 32 groups of up to 768·4096 values lose too many bits. A float64
+    network computes it in float64 (``x.float()`` met float64 weights and raised)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+
+
+# The AdaGN variants of ADMUNet / SongUNet (constructor argument ``ada_norm``).
+ADA_NORM_MODES = ("plain", "double")
+
+
+def check_ada_norm(ada_norm: str) -> str:
+    if ada_norm not in ADA_NORM_MODES:
+        raise ValueError(f"ada_norm must be one of {ADA_NORM_MODES}, got {ada_norm!r}")
+    return ada_norm
+
+
+def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """Pixel normalization (Karras et al. 2018, ProGAN): ``x / sqrt(mean(x², dim) + eps)``, i.e. unit
+    RMS over the channel dimension, eps inside the root. The sCM paper's ``pnorm`` (Lu & Song 2025,
+    §4.1, adaptive double normalization). The statistics are computed in at least float32 and the
+    result returned in ``x``'s dtype; plain differentiable ops, so ``torch.func.jvp`` goes through."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.square().mean(dim=dim, keepdim=True) + eps)).to(x.dtype)
 
 
 def sinusoidal_embedding(

@@ -3,7 +3,8 @@ architectures of Song et al. 2021 as used by EDM, ECT and CDM on CIFAR-10.
 
 Module names follow EDM's (``map_noise``, ``map_layer0``, ``enc['32x32_block0'].conv0``, …) so
 the tensors of an EDM snapshot map one to one (see :mod:`cm_nets.convert`). ``bcm=True`` adds a
-second time input ``c_noise_end`` (BCM's end time, MeanFlow's t − r), as in ``ADMUNet`` and ``MLPToy``.
+second time input ``c_noise_end`` (BCM's end time, MeanFlow's t − r), as in ``ADMUNet`` and ``MLPToy``;
+``ada_norm="double"`` gives the blocks sCM's adaptive double normalization (Lu & Song 2025).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import attention_qkv, check_backend
-from .layers import FourierEmbedding, check_c_noise, sinusoidal_embedding
+from .layers import FourierEmbedding, check_ada_norm, check_c_noise, pixel_norm, sinusoidal_embedding
 
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -135,7 +136,14 @@ class GroupNorm(nn.Module):
 
 class UNetBlock(nn.Module):
     """EDM's unified block: GN–SiLU–conv0(up/down), + affine(emb), GN–SiLU–dropout–conv1, + skip,
-    ·skip_scale, then optional self-attention (qkv channel order (heads, d, three))."""
+    ·skip_scale, then optional self-attention (qkv channel order (heads, d, three)).
+
+    ``adaptive_scale=False``: the affine output is added before norm1 (EDM's DDPM++ / NCSN++).
+    ``adaptive_scale=True``: it is [s, b] (2C wide) and ``ada_norm`` picks the modulation:
+    ``"plain"`` is EDM's ``norm1(x)·(s + 1) + b``, ``"double"`` sCM's adaptive double
+    normalization ``norm1(x)·pnorm(s) + pnorm(b)`` (pnorm = :func:`~cm_nets.layers.pixel_norm` over
+    the C channels of each sample's s and b; no "+ 1": pnorm(s) already has unit RMS). ``"double"``
+    needs ``adaptive_scale=True``."""
 
     def __init__(
         self,
@@ -157,8 +165,13 @@ class UNetBlock(nn.Module):
         init_zero=None,
         init_attn=None,
         attention_backend="auto",
+        ada_norm="plain",
     ):
         super().__init__()
+        check_ada_norm(ada_norm)
+        if ada_norm == "double" and not adaptive_scale:
+            raise ValueError("ada_norm='double' normalizes AdaGN's scale and shift: it needs adaptive_scale=True")
+        self.ada_norm = ada_norm
         init = init or {}
         init_zero = init_zero if init_zero is not None else dict(init_weight=0)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -186,12 +199,15 @@ class UNetBlock(nn.Module):
     def forward(self, x, emb):
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
-        if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
+        if self.ada_norm == "double":  # pnorm of the affine output before the cast (>= float32 inside)
+            s, b = self.affine(emb).chunk(2, dim=1)
+            scale, shift = (pixel_norm(v)[:, :, None, None].to(x.dtype) for v in (s, b))
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale))
+        elif self.adaptive_scale:
+            scale, shift = self.affine(emb)[:, :, None, None].to(x.dtype).chunk(2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x + params))
+            x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None].to(x.dtype)))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
@@ -213,7 +229,12 @@ class SongUNet(nn.Module):
     ``map_layer1`` before its SiLU. ``map_layer1_end`` is zero-initialized, so at initialization
     the output does not depend on ``c_noise_end`` and equals that of the network without the
     branch (same seed, or the same weights loaded with ``strict=False``). A ``bcm=True`` network
-    requires ``c_noise_end``; the default one refuses it."""
+    requires ``c_noise_end``; the default one refuses it.
+
+    ``ada_norm="double"`` (default ``"plain"``: EDM's blocks, unchanged) is sCM's adaptive double
+    normalization (Lu & Song 2025, §4.1): every block's ``affine`` becomes 2C wide and modulates
+    norm1 as ``norm1(x)·pnorm(s) + pnorm(b)`` instead of adding the embedding (see
+    :class:`UNetBlock`). Its affine tensors differ in shape, so EDM snapshots do not load into it."""
 
     def __init__(
         self,
@@ -237,9 +258,11 @@ class SongUNet(nn.Module):
         attention_backend: str = "auto",
         bcm: bool = False,
         fourier_scale: float = 16.0,
+        ada_norm: str = "plain",
     ):
         if not fourier_scale > 0:
             raise ValueError(f"fourier_scale must be > 0, got {fourier_scale}")
+        check_ada_norm(ada_norm)
         for name, value, valid in (
             ("embedding_type", embedding_type, ("fourier", "positional")),
             ("encoder_type", encoder_type, ("standard", "skip", "residual")),
@@ -250,6 +273,7 @@ class SongUNet(nn.Module):
         check_backend(attention_backend)
         super().__init__()
         self.label_dim, self.label_dropout, self.embedding_type = label_dim, label_dropout, embedding_type
+        self.ada_norm = ada_norm
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         self.noise_channels = noise_channels
@@ -264,11 +288,12 @@ class SongUNet(nn.Module):
             eps=1e-6,
             resample_filter=resample_filter,
             resample_proj=True,
-            adaptive_scale=False,
+            adaptive_scale=ada_norm == "double",  # sCM: pnorm'd scale and shift instead of an added embedding
             init=init,
             init_zero=init_zero,
             init_attn=init_attn,
             attention_backend=attention_backend,
+            ada_norm=ada_norm,
         )
 
         # fourier_scale: NCSN++'s 16; continuous-time objectives (sCM) differentiate in t and want a
