@@ -1,9 +1,10 @@
-"""sCM's adaptive double normalization (Lu & Song 2025, §4.1), ``ada_norm="double"`` on ADMUNet and
-SongUNet: AdaGN's ``norm(x)·s(t) + b(t)`` becomes ``norm(x)·pnorm(s(t)) + pnorm(b(t))``, pnorm the
-pixel normalization of ProGAN (unit RMS over channels, eps 1e-8 inside the root). Checked against
-a float64 formula written here with plain torch ops, by a property that plain AdaGN lacks
-(invariance to the affine layer's scale), under torch.func.jvp against finite differences, in
-bfloat16, and through save/load. The default ("plain") builds the same networks as before."""
+"""sCM's adaptive double normalization (Lu & Song 2025, §4.1), ``ada_norm="double"`` on ADMUNet,
+SongUNet and EDM2UNet (last section): AdaGN's ``norm(x)·s(t) + b(t)`` becomes
+``norm(x)·pnorm(s(t)) + pnorm(b(t))``, pnorm the pixel normalization of ProGAN (unit RMS over
+channels, eps 1e-8 inside the root). Checked against a float64 formula written here with plain
+torch ops, by a property that plain AdaGN lacks (invariance to the scale of the affine layer, or for
+EDM2 of the embedding), under torch.func.jvp against finite differences, in bfloat16, and through
+save/load. The default ("plain") builds the same networks as before."""
 
 import math
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import cm_nets
 from cm_nets.adm import ResBlock
+from cm_nets.edm2 import Block as EDM2Block
 from cm_nets.layers import pixel_norm
 from cm_nets.song import UNetBlock
 from cm_nets.testing import SMALL, make_inputs
@@ -187,3 +189,142 @@ def test_save_load_keeps_the_option(name, tmp_path):
     x, c, kw = make_inputs(name)
     with torch.no_grad():
         torch.testing.assert_close(back(x, c, **kw), net(x, c, **kw), rtol=0, atol=0)
+
+
+# ---- EDM2 (EDM2UNet, edm2-xs) --------------------------------------------------------------------
+#
+# EDM2's block has no GroupNorm and modulates the output y of conv_res0 by a scale only,
+# y·(1 + emb_linear(emb, gain=emb_gain)); "double" makes emb_linear 2C wide and gives
+# y·pnorm(s) + pnorm(b), without emb_gain (see cm_nets.edm2.Block).
+
+
+def _edm2_inputs(bcm=False, dtype=None):
+    x, c, kw = make_inputs("edm2-xs", dtype=dtype)
+    if bcm:
+        kw["c_noise_end"] = 0.5 * c
+    return x, c, kw
+
+
+def _mp_weight64(w, gain=1.0):  # EDM2's weight normalization and scaling (eqs. 47, 66), written out
+    fan_in = w[0].numel()
+    norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+    return w / (1e-4 + norm / math.sqrt(fan_in)) * (gain / math.sqrt(fan_in))
+
+
+def _mp_silu64(v):
+    return F.silu(v) / 0.596
+
+
+@pytest.mark.parametrize("flavor", ["enc", "dec"])
+def test_edm2_block_is_the_papers_layer(flavor):
+    torch.manual_seed(0)
+    block = _perturb(EDM2Block(32, 64, 16, flavor=flavor, ada_norm="double")).eval()
+    assert not hasattr(block, "emb_gain")
+    x, emb = _block_inputs(32, 16)
+    p = {k: v.double() for k, v in block.state_dict().items()}
+    x64, e64 = x.double(), emb.double()
+    if flavor == "enc":  # 1×1 skip conv, then pixel norm (EDM2's: eps 1e-4 added to the channel RMS)
+        x64 = F.conv2d(x64, _mp_weight64(p["conv_skip.weight"]))
+        x64 = x64 / (1e-4 + x64.square().mean(dim=1, keepdim=True).sqrt())
+    y = F.conv2d(_mp_silu64(x64), _mp_weight64(p["conv_res0.weight"]), padding=1)
+    st = e64 @ _mp_weight64(p["emb_linear.weight"]).t()  # [2, 2C]: no gain
+    s, b = st[:, :64], st[:, 64:]
+    y = _mp_silu64(y * _pnorm64(s)[:, :, None, None] + _pnorm64(b)[:, :, None, None])
+    y = F.conv2d(y, _mp_weight64(p["conv_res1.weight"]), padding=1)
+    if flavor == "dec":
+        x64 = F.conv2d(x64, _mp_weight64(p["conv_skip.weight"]))
+    ref = (0.7 * x64 + 0.3 * y) / math.sqrt(0.7**2 + 0.3**2)  # mp_sum, res_balance 0.3
+    with torch.no_grad():
+        out = block(x, emb)
+    assert ref.abs().max() < 256  # clip_act not reached
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bcm", [False, True])
+def test_edm2_default_is_bit_identical(bcm):
+    """edm2-xs (and its BCM variant) built without the argument and with ada_norm="plain": same keys,
+    shapes, values and outputs, bit for bit. "double": emb_gain gone, emb_linear 2C wide, the rest
+    the same keys and shapes."""
+    x, c, kw = _edm2_inputs(bcm)
+    bare, plain = _net("edm2-xs", bcm=bcm), _net("edm2-xs", bcm=bcm, ada_norm="plain")
+    assert list(bare.state_dict()) == list(plain.state_dict())
+    for (k, a), (_, b) in zip(bare.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), k
+    with torch.no_grad():
+        assert torch.equal(bare(x, c, **kw), plain(x, c, **kw))
+    double = {k: v.shape for k, v in _net("edm2-xs", bcm=bcm, ada_norm="double").state_dict().items()}
+    expect = {k: v.shape for k, v in bare.state_dict().items() if not k.endswith(".emb_gain")}
+    expect = {k: (s[0] * 2, *s[1:]) if k.endswith(".emb_linear.weight") else s for k, s in expect.items()}
+    assert double == expect
+
+
+def test_edm2_output_ignores_the_scale_of_the_block_embedding():
+    """The weight of EDM2's emb_linear is normalized in its forward, so scaling it tests nothing.
+    Instead every block gets 3·emb (a forward pre-hook): emb_linear is linear without bias, so s and
+    b become 3s and 3b, and only pnorm (pnorm(3v) = pnorm(v)) undoes that. A missing pnorm on s or on
+    b changes the output (y·3s + 3b); so does plain EDM2 (y·(1 + 3·g·u)), measured 13 %."""
+    x, c, kw = _edm2_inputs()
+    outs = {}
+    for mode in ("double", "plain"):
+        net = _net("edm2-xs", ada_norm=mode)
+        with torch.no_grad():
+            before = net(x, c, **kw)
+            for m in net.modules():
+                if isinstance(m, EDM2Block):
+                    m.register_forward_pre_hook(lambda _, args: (args[0], 3.0 * args[1]))
+            outs[mode] = (before, net(x, c, **kw))
+    torch.testing.assert_close(outs["double"][1], outs["double"][0], rtol=1e-4, atol=1e-5)
+    before, after = outs["plain"]
+    assert (after - before).norm() > 0.05 * before.norm()
+
+
+def test_edm2_jvp_matches_central_finite_difference():
+    """float64 edm2-xs "double", along x and time together and along time alone. MPFourier computes
+    in float32 by design, hence h = 3e-3 and a tolerance above float32's resolution (measured:
+    3e-5 and 4e-5; a pnorm whose denominator is treated as constant gives 0.2 and 0.3)."""
+    net = _net("edm2-xs", dtype=torch.float64, ada_norm="double")
+    x, c, kw = _edm2_inputs(dtype=torch.float64)
+    c = c.double()
+    g = torch.Generator().manual_seed(3)
+    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    dc = torch.randn(c.shape, generator=g, dtype=torch.float64)
+
+    def fn(a, b):
+        return net(a, b, **kw)
+
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(fn, (x, c), (dx, dc))
+        _, t_only = torch.func.jvp(lambda b: fn(x, b), (c,), (dc,))
+        h = 3e-3
+        fd = (fn(x + h * dx, c + h * dc) - fn(x - h * dx, c - h * dc)) / (2 * h)
+        fd_c = (fn(x, c + h * dc) - fn(x, c - h * dc)) / (2 * h)
+    assert t_only.norm() > 1e-2 * tangent.norm()  # the time path (through pnorm) is exercised
+    assert (tangent - fd).norm() <= 5e-4 * fd.norm(), ((tangent - fd).norm() / fd.norm()).item()
+    assert (t_only - fd_c).norm() <= 5e-4 * fd_c.norm(), ((t_only - fd_c).norm() / fd_c.norm()).item()
+
+
+def test_edm2_bfloat16_autocast():
+    net = _net("edm2-xs", ada_norm="double")
+    x, c, kw = _edm2_inputs()
+    with torch.no_grad():
+        ref = net(x, c, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x, c, **kw)
+    assert torch.isfinite(y).all()
+    assert (y.float() - ref).norm() < 0.05 * ref.norm()
+
+
+def test_edm2_save_load_keeps_the_option_and_a_bad_value_is_refused(tmp_path):
+    net = _net("edm2-xs", ada_norm="double")
+    path = cm_nets.save(net, tmp_path / "net.safetensors")
+    assert cm_nets.read_config(path)["overrides"]["ada_norm"] == "double"
+    back = cm_nets.load(path).eval()
+    assert back.ada_norm == "double"
+    assert all(m.ada_norm == "double" for m in back.modules() if isinstance(m, EDM2Block))
+    x, c, kw = _edm2_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, c, **kw), net(x, c, **kw), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ada_norm must be one of \('plain', 'double'\), got 'Double'"):
+        cm_nets.create("edm2-xs", **SMALL["edm2-xs"][0], ada_norm="Double")
+    with pytest.raises(ValueError, match="ada_norm"):
+        EDM2Block(32, 32, 16, ada_norm="pnorm")

@@ -4,7 +4,9 @@ Dynamics of Diffusion Models", Figure 21; NVlabs/edm2 ``training/networks_edm2.p
 Every layer keeps unit expected magnitude: weights are normalized (forced weight normalization,
 eq. 66), sums and concatenations are magnitude preserving (eqs. 88, 103), SiLU is rescaled
 (eq. 81), attention uses per-head normalized q, k, v. Module names follow EDM2's. ``bcm=True``
-adds a second time input ``c_noise_end`` (BCM's end time, MeanFlow's t − r), as in ``ADMUNet``.
+adds a second time input ``c_noise_end`` (BCM's end time, MeanFlow's t − r), as in ``ADMUNet``;
+``ada_norm="double"`` gives the blocks sCM's adaptive double normalization (Lu & Song 2025, §4.1;
+see :class:`Block`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cm_kernels.reference import vector_norm_fp32
 from torch import nn
 
 from .backends import attention_qkv, check_backend
-from .layers import check_c_noise
+from .layers import check_ada_norm, check_c_noise, pixel_norm
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
@@ -95,6 +97,31 @@ class MPConv(nn.Module):
 
 
 class Block(nn.Module):
+    """EDM2's encoder / decoder block (Figure 21). The embedding modulates the output ``y`` of
+    ``conv_res0`` (before ``mp_silu``); ``ada_norm`` picks how:
+
+    - ``"plain"`` (default): EDM2's scale only, ``y · (1 + emb_linear(emb, gain=emb_gain))``, with
+      ``emb_linear`` C wide and the learned scalar ``emb_gain`` starting at 0.
+    - ``"double"``: sCM's adaptive double normalization (Lu & Song 2025, §4.1) read for EDM2's block:
+      ``emb_linear`` (still EDM2's weight-normalized ``MPConv``) is 2C wide, its output split as
+      ``[s, b]`` (first C channels s, last C b), and ``y · pnorm(s) + pnorm(b)``, pnorm =
+      :func:`~cm_nets.layers.pixel_norm` over the C channels of each sample (unit RMS, eps 1e-8
+      inside the root, statistics in at least float32). No "1 +" (as in ``ADMUNet`` / ``SongUNet``:
+      pnorm(s) already has unit RMS) and no ``emb_gain``: pnorm(g·v) = sign(g)·pnorm(v) makes a
+      scalar gain redundant, and at EDM2's zero initialization it would give s = b = 0, so
+      ``y · 0 + 0``: a dead residual branch with a 1/√eps (1e4) gradient on the gain.
+
+    The paper writes the layer for AdaGN, ``norm(x) ⊙ pnorm(s(t)) + pnorm(b(t))``, says that the
+    EDM2-based ImageNet networks use it (Tables 2–4) and does not show EDM2's block, which has no
+    GroupNorm. Open there, and decided here: the modulated tensor is EDM2's ``y`` as is (EDM2 keeps it
+    at unit magnitude by construction), not re-normalized; one public reimplementation also
+    pixel-normalizes ``y`` first, another does not. The scalar gain: one reimplementation keeps
+    ``emb_gain`` (zero-initialized, see above), one drops it, as here. The pnorm eps: both use EDM2's
+    ``normalize`` (eps 1e-4 added to the RMS); here ProGAN's pixel norm, the same as the ADM / SongUNet
+    variants. ``y · pnorm(s) + pnorm(b)`` is not magnitude preserving (RMS about √2 for a unit,
+    zero-mean ``y``): as in both reimplementations, nothing rescales it (``mp_silu`` and the
+    weight-normalized ``conv_res1`` follow)."""
+
     def __init__(
         self,
         in_channels: int,
@@ -110,16 +137,19 @@ class Block(nn.Module):
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
         attention_backend: str = "auto",
+        ada_norm: str = "plain",
     ):
         super().__init__()
+        self.ada_norm = check_ada_norm(ada_norm)
         self.out_channels, self.flavor = out_channels, flavor
         self.resample_filter, self.resample_mode = tuple(resample_filter), resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
         self.attention_backend = attention_backend
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        if ada_norm == "plain":
+            self.emb_gain = nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
-        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.emb_linear = MPConv(emb_channels, out_channels * (2 if ada_norm == "double" else 1), kernel=[])
         self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
         self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
@@ -132,8 +162,13 @@ class Block(nn.Module):
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)  # pixel norm
         y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        if self.ada_norm == "double":  # pnorm of the linear output before the cast (>= float32 inside)
+            s, b = self.emb_linear(emb).chunk(2, dim=1)
+            scale, shift = (pixel_norm(v)[:, :, None, None].to(y.dtype) for v in (s, b))
+            y = mp_silu(y * scale + shift)
+        else:
+            c = self.emb_linear(emb, gain=self.emb_gain) + 1
+            y = mp_silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout:
             y = F.dropout(y, p=self.dropout)
         y = self.conv_res1(y)
@@ -162,7 +197,13 @@ class EDM2UNet(nn.Module):
     learned gain ``emb_end_gain`` that starts at 0, so at initialization the output does not depend
     on ``c_noise_end`` and equals that of the network without the branch (same seed, or the same
     weights loaded with ``strict=False``). A ``bcm=True`` network requires ``c_noise_end``; the
-    default one refuses it."""
+    default one refuses it.
+
+    ``ada_norm``: ``"plain"`` (default, EDM2's blocks, unchanged) or ``"double"`` (sCM's adaptive
+    double normalization, Lu & Song 2025 §4.1: each block's ``emb_linear`` is 2C wide, [s, b], and
+    modulates ``conv_res0``'s output as ``y · pnorm(s) + pnorm(b)`` in place of ``y · (1 + s)``,
+    without ``emb_gain``; see :class:`Block`). A ``"double"`` network has other tensors than EDM2's:
+    EDM2 checkpoints do not load into it."""
 
     def __init__(
         self,
@@ -182,22 +223,27 @@ class EDM2UNet(nn.Module):
         attention_backend: str = "auto",
         bcm: bool = False,
         fourier_bandwidth: float = 1.0,
+        ada_norm: str = "plain",
     ):
         if not fourier_bandwidth > 0:
             raise ValueError(f"fourier_bandwidth must be > 0, got {fourier_bandwidth}")
+        check_ada_norm(ada_norm)
         check_backend(attention_backend)
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
         self.label_dim, self.label_balance, self.concat_balance = label_dim, label_balance, concat_balance
+        self.ada_norm = ada_norm
         self.out_gain = nn.Parameter(torch.zeros([]))
         # fourier_bandwidth: EDM2's 1; below 1 a lower-frequency embedding for objectives that
         # differentiate in time (sCM, MeanFlow).
         self.emb_fourier = MPFourier(cnoise, fourier_bandwidth)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
-        kw = dict(dropout=dropout, channels_per_head=channels_per_head, attention_backend=attention_backend)
+        kw = dict(
+            dropout=dropout, channels_per_head=channels_per_head, attention_backend=attention_backend, ada_norm=ada_norm
+        )
 
         self.enc = nn.ModuleDict()
         cout = img_channels + 1
