@@ -50,6 +50,12 @@ def test_cm_demo_quick_end_to_end(tmp_path):
     assert by[("teacher", 35)]["fd_digits"] < by[("teacher", 3)]["fd_digits"]
     assert by[("ECT", 1)]["fd_digits"] < 800 and by[("ECT", 1)]["class_acc"] > 0.5
     assert by[("teacher", 35)]["ode_mse"] < by[("teacher", 3)]["ode_mse"]
+    # Every 2-NFE row's middle point comes from its own search on other seeds (sCD and MeanFlow in time).
+    search = report["two_step_search"]
+    assert set(search) == {"ect", "ict", "bcm", "scd", "meanflow"}
+    scd2, mf2 = by[("sCD", 2)]["sigmas"], by[("MeanFlow", 2)]["sigmas"]
+    assert scd2[0] == round(math.pi / 2, 4) and scd2[1] == pytest.approx(math.atan(search["scd"]["best"] / 0.5), abs=1e-4)
+    assert mf2[0] == 1.0 and mf2[2] == 0.0 and mf2[1] == pytest.approx(search["meanflow"]["best"] / (1 + search["meanflow"]["best"]), abs=1e-4)
     inv = report["edits"]["bcm_inversion"]
     assert all(math.isfinite(v["mse"]) for v in inv["variants"]) and len(inv["variants"]) == 4
     partial = next(v for v in inv["variants"] if v["invert_sigmas"] == [0.07, 2.0])
