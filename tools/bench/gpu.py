@@ -20,7 +20,8 @@ a run killed from outside keeps what it measured.
                 x / (1e-4 + ||x|| / sqrt(d)) of q, k, v per head followed by
                 F.scaled_dot_product_attention (flash backend on CUDA, the default on CPU);
                 bf16 on CUDA (fp32 on CPU), d = 64, N = 256 and 1024 (--tiny: 64 and 128), forward
-                and forward+backward. FLOPs: forward 4*B*H*N^2*d, forward+backward 3.5x that.
+                and forward+backward. FLOPs: forward 4*B*H*N^2*d, forward+backward 3.5x that. On
+                CUDA also the opt-in tensor-core forward (cm_kernels.set_cuda_tensor_cores(True)).
   jvp           torch.func.jvp of cm_kernels.normalized_attention (the fused JVP kernel: output and
                 tangent in one pass) vs torch.func.jvp of the reference (normalize + matmul/softmax),
                 normalize="qkv", same dtype and sizes as attention (--tiny: N = 64): time, peak CUDA
@@ -189,7 +190,17 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
         with _sdpa_context(device):
             return F.scaled_dot_product_attention(n(q), n(k), n(v))
 
+    def fused_mma(q, k, v):  # the opt-in tensor-core forward (the backward is the same SIMT kernel)
+        before = cm_kernels.cuda_tensor_cores()
+        cm_kernels.set_cuda_tensor_cores(True)
+        try:
+            return cm_kernels.normalized_attention(q, k, v)
+        finally:
+            cm_kernels.set_cuda_tensor_cores(before)
+
     impls = {"cm_kernels": fused, "normalize+SDPA": norm_sdpa}
+    if device.type == "cuda" and dtype != torch.float32:
+        impls["cm_kernels mma"] = fused_mma
     for B, H, N, d in configs:
         if m.late(f"N={N}"):
             return
@@ -197,6 +208,11 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
         q, k, v = (torch.randn(B, H, N, d, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
         with torch.no_grad():
             diff = (fused(q, k, v).float() - norm_sdpa(q, k, v).float()).abs().max().item()
+            mma_diff = (
+                (fused_mma(q, k, v).float() - norm_sdpa(q, k, v).float()).abs().max().item()
+                if "cm_kernels mma" in impls
+                else None
+            )
         flops = 4 * B * H * N * N * d
         for pass_name, wrap, flop_factor in (
             ("fwd", lambda f: forward_only(f, (q, k, v)), 1.0),
@@ -206,7 +222,7 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
                 return
             fns = {name: wrap(f) for name, f in impls.items()}
             ms = median_ms(fns, device, args.warmup, args.repeat, deadline=m.deadline)
-            fused_ms, sdpa_ms = ms["cm_kernels"], ms["normalize+SDPA"]
+            fused_ms, sdpa_ms, mma_ms = ms["cm_kernels"], ms["normalize+SDPA"], ms.get("cm_kernels mma")
             m.rows.append(
                 dict(
                     dtype=_dtype_name(dtype),
@@ -219,6 +235,9 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
                     cm_kernels_tflops=flop_factor * flops / fused_ms / 1e9,
                     sdpa_tflops=flop_factor * flops / sdpa_ms / 1e9,
                     max_abs_diff=diff,
+                    mma_ms=mma_ms,
+                    mma_speedup=None if mma_ms is None else sdpa_ms / mma_ms,
+                    mma_max_abs_diff=mma_diff,
                 )
             )
 
@@ -356,9 +375,11 @@ MEASURES = [
         "normalized attention (qkv) vs normalize + SDPA",
         [("dtype", "dtype"), ("shape", "B×H×N×d"), ("pass_", "pass"), ("cm_kernels_ms", "cm_kernels ms"),
          ("sdpa_ms", "norm+SDPA ms"), ("speedup", "speedup"), ("cm_kernels_tflops", "cm_kernels TFLOP/s"),
-         ("sdpa_tflops", "norm+SDPA TFLOP/s"), ("max_abs_diff", "max abs diff")],  # fmt: skip
+         ("sdpa_tflops", "norm+SDPA TFLOP/s"), ("max_abs_diff", "max abs diff"), ("mma_ms", "mma ms"),
+         ("mma_speedup", "mma speedup"), ("mma_max_abs_diff", "mma max abs diff")],  # fmt: skip
         "SDPA backend: flash on CUDA, default on CPU. speedup = norm+SDPA time / cm_kernels time. FLOPs: fwd "
-        "4·B·H·N²·d, fwd+bwd 3.5× that. max abs diff: forward outputs of the two.",
+        "4·B·H·N²·d, fwd+bwd 3.5× that. max abs diff: forward outputs of the two. mma: the opt-in tensor-core "
+        "forward (cm_kernels.set_cuda_tensor_cores(True); the same SIMT backward), CUDA half dtypes only.",
         measure_attention,
     ),
     (

@@ -4,7 +4,10 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace cm_kernels {
 
@@ -26,6 +29,17 @@ constexpr double kMaxBoundLogit = 40.0;
 
 inline bool use_logit_bound(int mode, int64_t d, double scale) {
   return mode != kNone && static_cast<double>(d) * scale <= kMaxBoundLogit;
+}
+
+// The opt-in tensor-core (mma.sync) forward of the CUDA attention for float16 / bfloat16 (sm_80+):
+// off unless CM_KERNELS_CUDA_MMA=1 at load or set_cuda_tensor_cores(True); one flag per process
+// (an inline function's static is shared by every translation unit).
+inline std::atomic<bool>& cuda_tensor_cores_flag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("CM_KERNELS_CUDA_MMA");
+    return env != nullptr && std::string(env) == "1";
+  }());
+  return flag;
 }
 
 inline void check_pseudo_huber_pair(const at::Tensor& pred, const at::Tensor& target, double c) {

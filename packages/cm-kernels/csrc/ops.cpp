@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "common.h"
 #include "cpu/isa.h"
 
 PyMODINIT_FUNC PyInit__C(void) {  // PyMODINIT_FUNC: extern "C", default visibility
@@ -44,6 +45,13 @@ TORCH_LIBRARY(cm_kernels, m) {
     TORCH_CHECK_VALUE(cm_kernels::set_isa_kernels(want.c_str()) != nullptr,
                       "cm_kernels.set_cpu_isa: this CPU cannot run the '", want, "' kernels");
     return std::string(cm_kernels::isa_kernels().name);
+  });
+  // The opt-in tensor-core forward of the CUDA attention (float16 / bfloat16, sm_80+); returns the
+  // setting in effect afterwards. CUDA tensors only; the CPU kernels ignore it.
+  m.def("cuda_tensor_cores() -> bool", []() { return cm_kernels::cuda_tensor_cores_flag().load(); });
+  m.def("set_cuda_tensor_cores(bool on) -> bool", [](bool on) {
+    cm_kernels::cuda_tensor_cores_flag().store(on);
+    return on;
   });
   m.def("normalized_attention_qkv_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, str normalize, float eps) -> Tensor");
 }

@@ -106,3 +106,72 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.cm_kernels.normalized_attention_fwd.default, (q, k, v, 0.2, "qkv", 1e-4))
     p = torch.randn(3, 5, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.cm_kernels.pseudo_huber_fwd.default, (p, torch.randn(3, 5, device="cuda"), 0.5))
+
+
+# ---- the opt-in tensor-core forward (csrc/cuda/attention_mma.cuh) -------------------------------
+
+
+@pytest.fixture
+def tensor_cores():
+    """The mma.sync forward on for one test, then back to the setting before."""
+    before = cm_kernels.cuda_tensor_cores()
+    cm_kernels.set_cuda_tensor_cores(True)
+    try:
+        yield
+    finally:
+        cm_kernels.set_cuda_tensor_cores(before)
+
+
+MMA_SHAPES = [  # B, H, Nq, Nk, d: every head dim, tails of the 64-row blocks and 64-key tiles, 8-key chunks
+    (1, 1, 1, 1, 16),
+    (2, 3, 65, 70, 32),
+    (1, 2, 130, 129, 64),
+    (2, 1, 64, 64, 96),
+    (1, 2, 257, 100, 128),
+    (2, 2, 1024, 1024, 64),
+]
+
+
+@pytest.mark.parametrize("mode", ["none", "qk", "qkv"])
+@pytest.mark.parametrize("shape", MMA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_cuda_tensor_cores(tensor_cores, shape, mode, dtype):
+    """Forward (tensor cores) and backward (SIMT, from the forward's logsumexp) within twice the
+    error torch's own half-precision reference makes against float64."""
+    _require_cuda_ext()
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("mma.sync with bfloat16 needs sm_80")
+    B, H, Nq, Nk, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(sum(shape) + 7)
+    q = torch.randn(B, H, Nq, d, device="cuda", generator=gen).to(dtype) * 2
+    k = torch.randn(B, H, Nk, d, device="cuda", generator=gen).to(dtype) * 2
+    v = torch.randn(B, H, Nk, d, device="cuda", generator=gen).to(dtype)
+    g = torch.randn(B, H, Nq, d, device="cuda", generator=gen).to(dtype)
+    truth = _run(reference.normalized_attention, [q.double(), k.double(), v.double()], g.double(), normalize=mode)
+    got = _run(cm_kernels.normalized_attention, [q, k, v], g, normalize=mode)
+    ref = _run(reference.normalized_attention, [q, k, v], g, normalize=mode)
+    for name, a, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth):
+        err, err_ref = (a.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
+        assert err <= 2 * err_ref + 1e-5, (name, err, err_ref)
+    _, lse = torch.ops.cm_kernels.normalized_attention_fwd(q, k, v, 1 / d**0.5, mode, 1e-4)
+
+    def logsumexp(a, b):
+        if mode != "none":
+            a, b = reference.normalize_heads(a), reference.normalize_heads(b)
+        return torch.logsumexp((a @ b.transpose(-1, -2) / d**0.5).double(), dim=-1)
+
+    truth_lse, ref_lse = logsumexp(q.double(), k.double()), logsumexp(q, k)  # torch in the half dtype
+    err, err_ref = (lse.double() - truth_lse).abs().max().item(), (ref_lse - truth_lse).abs().max().item()
+    assert err <= 2 * err_ref + 1e-4, ("lse", err, err_ref)
+
+
+def test_attention_qkv_layout_cuda_tensor_cores(tensor_cores):
+    _require_cuda_ext()
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("mma.sync with bfloat16 needs sm_80")
+    B, H, d, N = 2, 4, 64, 257
+    qkv = torch.randn(B, N, 3 * H * d, device="cuda").transpose(1, 2).to(torch.bfloat16)  # channels-first, strided
+    out = cm_kernels.normalized_attention_qkv(qkv, H)
+    truth = reference.normalized_attention_qkv(qkv.double(), H)
+    ref = reference.normalized_attention_qkv(qkv, H)
+    assert (out.double() - truth).abs().max() <= 2 * (ref.double() - truth).abs().max() + 1e-5

@@ -10,12 +10,16 @@
 // once by row_factor_kernel and applied while staging tiles.
 //   forward: online softmax; with normalized q, k and d * scale <= 40 the running max is
 //            replaced by the bound d * scale (proof in cpu/attention.cpp), saving the rescales.
+//            float16 / bfloat16 with p.tensor_cores: the mma.sync kernel of attention_mma.cuh.
 //   jvp:      O and its forward-mode tangent in one pass (attn_jvp_kernel).
 //   backward: delta_i = dO_i . O_i; dq kernel (rows = queries, tiles over keys) and dk/dv kernel
 //            (rows = keys, tiles over queries) each recompute P = exp(S - lse): no atomics.
 #pragma once
 #include <math.h>
 
+#include <type_traits>
+
+#include "attention_mma.cuh"
 #include "common.cuh"
 
 namespace cmk {
@@ -23,18 +27,6 @@ namespace cmk {
 constexpr int kWarps = 4;
 constexpr int kTile = 32;
 constexpr unsigned kFull = 0xffffffffu;
-
-// (row, channel) of the idx-th element of a [rows, D] tile; channel-fastest when d is the
-// contiguous dim (coalesced for [B, H, N, d]), row-fastest otherwise (channels-first qkv).
-__device__ __forceinline__ void tile_index(int idx, bool d_contig, int rows, int D, int& r, int& c) {
-  if (d_contig) {
-    r = idx / D;
-    c = idx % D;
-  } else {
-    c = idx / rows;
-    r = idx % rows;
-  }
-}
 
 // f[r] = mult / (eps + rms(x_r)) if normalize else mult; one warp per row r over (b, h, n).
 template <typename T, int D>
@@ -520,6 +512,13 @@ int attn_fwd_d(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkMutView out,
   row_factor_kernel<T, D><<<blocks_for(BH * p.Nq, kWarps), threads, 0, stream>>>(q, p.H, p.Nq, BH * p.Nq, p.mode != 0, p.eps, p.scale, fq);
   row_factor_kernel<T, D><<<blocks_for(BH * p.Nk, kWarps), threads, 0, stream>>>(k, p.H, p.Nk, BH * p.Nk, p.mode != 0, p.eps, 1.f, fk);
   row_factor_kernel<T, D><<<blocks_for(BH * p.Nk, kWarps), threads, 0, stream>>>(v, p.H, p.Nk, BH * p.Nk, p.mode == 2, p.eps, 1.f, fv);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (p.tensor_cores) {  // attention_mma.cuh: opt-in, float16 / bfloat16 on sm_80+
+      const dim3 grid((unsigned)BH, blocks_for(p.Nq, kMmaRows));
+      attn_fwd_mma_kernel<T, D><<<grid, 128, 0, stream>>>(p, q, k, v, out, lse, fq, fk, fv);
+      return (int)cudaGetLastError();
+    }
+  }
   const dim3 grid((unsigned)BH, blocks_for(p.Nq, kWarps * RPW));
   attn_fwd_kernel<T, D, RPW><<<grid, threads, 0, stream>>>(p, q, k, v, out, lse, fq, fk, fv);
   return (int)cudaGetLastError();

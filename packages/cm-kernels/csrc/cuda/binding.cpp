@@ -83,6 +83,12 @@ CmkAttnParams params(const at::Tensor& q, const at::Tensor& k, double scale, int
   p.use_bound = use_logit_bound(mode, p.d, scale) ? 1 : 0;
   p.bound = static_cast<float>(static_cast<double>(p.d) * scale);
   TORCH_CHECK_VALUE(cmk_attn_head_dim_supported(p.d), "cm_kernels.normalized_attention: unsupported head dim ", p.d);
+  p.tensor_cores = 0;
+  if (q.scalar_type() != at::kFloat && cuda_tensor_cores_flag().load()) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
+    p.tensor_cores = major >= 8 ? 1 : 0;  // mma.sync m16n8k16 with bf16 needs sm_80
+  }
   return p;
 }
 

@@ -46,6 +46,18 @@ __device__ __forceinline__ void st(const CmkMutView& x, int64_t b, int64_t h, in
   p[b * x.stride[0] + h * x.stride[1] + n * x.stride[2] + c * x.stride[3]] = from_f<T>(v);
 }
 
+// (row, channel) of the idx-th element of a [rows, D] tile; channel-fastest when d is the
+// contiguous dim (coalesced for [B, H, N, d]), row-fastest otherwise (channels-first qkv).
+__device__ __forceinline__ void tile_index(int idx, bool d_contig, int rows, int D, int& r, int& c) {
+  if (d_contig) {
+    r = idx / D;
+    c = idx % D;
+  } else {
+    c = idx / rows;
+    r = idx % rows;
+  }
+}
+
 inline CmkView as_view(const CmkMutView& x) {
   CmkView v;
   v.ptr = x.ptr;

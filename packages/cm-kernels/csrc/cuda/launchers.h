@@ -29,6 +29,7 @@ typedef struct {
   int mode;       // 0 none, 1 qk, 2 qkv
   int use_bound;  // skip the running max, logits bounded by `bound` (see cpu/attention.cpp)
   float bound;    // d * scale
+  int tensor_cores;  // float16 / bfloat16 forward: the mma.sync kernel (sm_80+; attention_mma.cuh)
 } CmkAttnParams;
 
 // ---- pseudo-Huber: loss_b = s_b / (sqrt(s_b + c^2) + c), s_b = ||pred_b - target_b||^2 ----

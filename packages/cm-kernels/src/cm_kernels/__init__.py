@@ -1,7 +1,8 @@
 """cm_kernels: fused pseudo-Huber loss and normalized ("cosine") attention for consistency models.
 
 Public API: ``pseudo_huber_loss``, ``normalized_attention``, ``normalized_attention_qkv``,
-``backends``, the CPU settings ``cpu_isa``/``set_cpu_isa``/``tune_cpu_allocator`` (``cm_kernels.cpu``)
+``backends``, the CPU settings ``cpu_isa``/``set_cpu_isa``/``tune_cpu_allocator`` (``cm_kernels.cpu``),
+the CUDA setting ``cuda_tensor_cores``/``set_cuda_tensor_cores`` (``cm_kernels.cuda``)
 and the pure-PyTorch ``reference`` module (the specification of both ops).
 The compiled ops live in the ``torch.ops.cm_kernels`` namespace; only these wrappers are public.
 
@@ -23,6 +24,7 @@ from . import reference
 from ._loader import ExtState, KernelFallbackWarning, load_extension
 from ._validate import SUPPORTED_HEAD_DIMS, check_attention, check_attention_qkv, check_pseudo_huber
 from .cpu import cpu_isa, set_cpu_isa, tune_cpu_allocator
+from .cuda import cuda_tensor_cores, set_cuda_tensor_cores
 
 __version__ = "0.1.0"
 # Every op differentiates in forward mode (the compiled ops through _ops' forward-AD kernels, the
@@ -38,7 +40,9 @@ __all__ = [
     "normalized_attention_qkv",
     "pseudo_huber_loss",
     "reference",
+    "cuda_tensor_cores",
     "set_cpu_isa",
+    "set_cuda_tensor_cores",
     "tune_cpu_allocator",
 ]
 
