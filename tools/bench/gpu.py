@@ -21,7 +21,7 @@ a run killed from outside keeps what it measured.
                 F.scaled_dot_product_attention (flash backend on CUDA, the default on CPU);
                 bf16 on CUDA (fp32 on CPU), d = 64, N = 256 and 1024 (--tiny: 64 and 128), forward
                 and forward+backward. FLOPs: forward 4*B*H*N^2*d, forward+backward 3.5x that. On
-                CUDA also the opt-in tensor-core forward (cm_kernels.set_cuda_tensor_cores(True)).
+                CUDA also the opt-in tensor-core kernels (cm_kernels.set_cuda_tensor_cores(True)).
   jvp           torch.func.jvp of cm_kernels.normalized_attention (the fused JVP kernel: output and
                 tangent in one pass) vs torch.func.jvp of the reference (normalize + matmul/softmax),
                 normalize="qkv", same dtype and sizes as attention (--tiny: N = 64): time, peak CUDA
@@ -190,17 +190,26 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
         with _sdpa_context(device):
             return F.scaled_dot_product_attention(n(q), n(k), n(v))
 
-    def fused_mma(q, k, v):  # the opt-in tensor-core forward (the backward is the same SIMT kernel)
-        before = cm_kernels.cuda_tensor_cores()
-        cm_kernels.set_cuda_tensor_cores(True)
-        try:
-            return cm_kernels.normalized_attention(q, k, v)
-        finally:
-            cm_kernels.set_cuda_tensor_cores(before)
+    def tensor_cores(run):
+        """``run`` (a timed callable: forward, or forward and backward) with the opt-in tensor-core
+        kernels on, then the setting before."""
+
+        def wrapped():
+            before = cm_kernels.cuda_tensor_cores()
+            cm_kernels.set_cuda_tensor_cores(True)
+            try:
+                return run()
+            finally:
+                cm_kernels.set_cuda_tensor_cores(before)
+
+        return wrapped
+
+    def fused_mma(q, k, v):
+        return tensor_cores(lambda: fused(q, k, v))()
 
     impls = {"cm_kernels": fused, "normalize+SDPA": norm_sdpa}
     if device.type == "cuda" and dtype != torch.float32:
-        impls["cm_kernels mma"] = fused_mma
+        impls["cm_kernels mma"] = fused  # timed inside tensor_cores(...) below
     for B, H, N, d in configs:
         if m.late(f"N={N}"):
             return
@@ -220,7 +229,7 @@ def measure_attention(m: Measure, device: torch.device, args) -> None:
         ):
             if m.late(f"N={N} {pass_name}"):
                 return
-            fns = {name: wrap(f) for name, f in impls.items()}
+            fns = {name: tensor_cores(wrap(f)) if name.endswith("mma") else wrap(f) for name, f in impls.items()}
             ms = median_ms(fns, device, args.warmup, args.repeat, deadline=m.deadline)
             fused_ms, sdpa_ms, mma_ms = ms["cm_kernels"], ms["normalize+SDPA"], ms.get("cm_kernels mma")
             m.rows.append(
@@ -379,7 +388,7 @@ MEASURES = [
          ("mma_speedup", "mma speedup"), ("mma_max_abs_diff", "mma max abs diff")],  # fmt: skip
         "SDPA backend: flash on CUDA, default on CPU. speedup = norm+SDPA time / cm_kernels time. FLOPs: fwd "
         "4·B·H·N²·d, fwd+bwd 3.5× that. max abs diff: forward outputs of the two. mma: the opt-in tensor-core "
-        "forward (cm_kernels.set_cuda_tensor_cores(True); the same SIMT backward), CUDA half dtypes only.",
+        "kernels (cm_kernels.set_cuda_tensor_cores(True): forward, and backward for d ≤ 64), CUDA half dtypes only.",
         measure_attention,
     ),
     (

@@ -538,6 +538,15 @@ int attn_bwd_d(CmkAttnParams p, CmkView dout, CmkView q, CmkView k, CmkView v, C
   row_factor_kernel<T, D><<<blocks_for(BH * p.Nk, kWarps), threads, 0, stream>>>(k, p.H, p.Nk, BH * p.Nk, p.mode != 0, p.eps, 1.f, fk);
   row_factor_kernel<T, D><<<blocks_for(BH * p.Nk, kWarps), threads, 0, stream>>>(v, p.H, p.Nk, BH * p.Nk, p.mode == 2, p.eps, 1.f, fv);
   delta_kernel<T, D><<<blocks_for(BH * p.Nq, kWarps), threads, 0, stream>>>(dout, out, p.H, p.Nq, BH * p.Nq, delta);
+  if constexpr (!std::is_same<T, float>::value && D <= 64) {
+    if (p.tensor_cores) {  // attention_mma.cuh: opt-in, float16 / bfloat16 on sm_80+, head dims <= 64
+      attn_dq_mma_kernel<T, D><<<dim3((unsigned)BH, blocks_for(p.Nq, kMmaRows)), 128, 0, stream>>>(
+          p, dout, q, k, v, lse, delta, dq, fq, fk, fv);
+      attn_dkv_mma_kernel<T, D><<<dim3((unsigned)BH, blocks_for(p.Nk, kMmaKeys)), 128, 0, stream>>>(
+          p, dout, q, k, v, lse, delta, dk, dv, fq, fk, fv);
+      return (int)cudaGetLastError();
+    }
+  }
   attn_dq_kernel<T, D, RPW><<<dim3((unsigned)BH, blocks_for(p.Nq, kWarps * RPW)), threads, 0, stream>>>(
       p, dout, q, k, v, lse, delta, dq, fq, fk, fv);
   attn_dkv_kernel<T, D, RPW><<<dim3((unsigned)BH, blocks_for(p.Nk, kWarps * RPW)), threads, 0, stream>>>(
