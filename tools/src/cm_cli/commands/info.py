@@ -62,6 +62,9 @@ def info() -> None:
         if "cpu_isa" in next(iter(report.values())):
             out(f"            CPU kernels: {cm_kernels.cpu_isa()} instruction set (chosen at run time; "
                 "CM_KERNELS_ISA=avx512|avx2|base overrides)")  # fmt: skip
+        if build.WITH_CUDA:
+            state = "on" if cm_kernels.cuda_tensor_cores() else "off (opt-in: CM_KERNELS_CUDA_MMA=1; not yet run on a GPU)"
+            out(f"            CUDA tensor-core attention (fp16/bf16, sm_80+): {state}")
         for why in sorted({entry["reason"] for entry in report.values()}):  # what adds to the build line
             extra = why.removeprefix(build.CUDA_REASON).lstrip(",; ")
             if extra:
