@@ -567,3 +567,19 @@ def test_attention_jvp_cuda_opcheck_and_compile():
     fn = torch.compile(_attn(cm_kernels.normalized_attention, normalize="qkv"), backend="aot_eager", fullgraph=True)
     got = [x.cpu() for x in _jvp(fn, p, t)]
     _assert_matches(got, _truth([x.cpu() for x in p], [x.cpu() for x in t], normalize="qkv"), torch.float32)
+
+
+def test_fused_jvp_says_which_path_runs(monkeypatch):
+    """cm_kernels.fused_jvp: the fused CPU kernel for float32/bfloat16/float16, the torch-op formula
+    for float64 (cm_nets relies on it to pick a backend under a JVP)."""
+    assert cm_kernels.fused_jvp(torch.zeros(1, 1, 4, 16)) and cm_kernels.fused_jvp(torch.zeros(1, 1, 4, 64).bfloat16())
+    assert not cm_kernels.fused_jvp(torch.zeros(1, 1, 4, 16, dtype=torch.float64))
+    calls = []
+    real = torch.ops.cm_kernels.normalized_attention_jvp
+    monkeypatch.setattr(torch.ops.cm_kernels, "normalized_attention_jvp", lambda *a: calls.append(1) or real(*a))
+    for dtype in (torch.float32, torch.float64):
+        (q, k, v), (tq, tk, tv) = _draw(1, 1, 5, 6, 16, seed=3)
+        p, t = [x.to(dtype) for x in (q, k, v)], [x.to(dtype) for x in (tq, tk, tv)]
+        before = len(calls)
+        _jvp(cm_kernels.normalized_attention, p, t)
+        assert (len(calls) > before) == cm_kernels.fused_jvp(p[0]), dtype

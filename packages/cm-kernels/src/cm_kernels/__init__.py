@@ -129,6 +129,18 @@ def normalized_attention_qkv(
     return reference.normalized_attention_qkv(qkv, num_heads, scale=scale, normalize=normalize, eps=eps)
 
 
+def fused_jvp(x: torch.Tensor) -> bool:
+    """Whether forward-mode AD of ``normalized_attention`` on tensors like ``x`` (its device, dtype
+    and head dim) runs a fused JVP kernel (the CPU one; the CUDA one when the CUDA kernels are
+    built), rather than the torch-op formula of ``cm_kernels._forward_ad`` (exact too, N x N
+    temporaries)."""
+    if not _STATE.loaded or (x.device.type == "cuda" and not _STATE.with_cuda):
+        return False
+    from ._ops import _fused_jvp
+
+    return _fused_jvp(x)
+
+
 def backends() -> dict[str, dict[str, str]]:
     """{op: {"backend": "cuda-ext" | "cpu-ext" | "reference", "reason": why, "cpu_isa": the CPU
     kernels' instruction set when built}} for each public op.

@@ -214,17 +214,14 @@ def _has_forward_ad(name: str) -> bool:
 
 
 def _fused_jvp_here(q: torch.Tensor) -> bool:
-    """The fused kernel's one-pass CPU JVP covers this call: measured 3.35x/3.75x faster than
-    torch.func.jvp of normalize + math attention with 19x less memory (bench/RESULTS.md, "JVP").
-    CUDA keeps math until tools/gpu_check.sh has measured the CUDA JVP kernel."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype != torch.float64
-        and q.shape[-1] % 16 == 0
-        and _installed("fused")
-        and bool(getattr(__import__("cm_kernels"), "FORWARD_AD", False))
-        and _unsupported("fused", q) is None
-    )
+    """The fused kernel's one-pass CPU JVP covers this call (``cm_kernels.fused_jvp``): measured
+    3.35x/3.75x faster than torch.func.jvp of normalize + math attention with 19x less memory
+    (bench/RESULTS.md, "JVP"). CUDA keeps math until tools/gpu_check.sh has measured the CUDA JVP kernel."""
+    if q.device.type != "cpu" or not _installed("fused") or _unsupported("fused", q) is not None:
+        return False
+    import cm_kernels
+
+    return bool(getattr(cm_kernels, "FORWARD_AD", False)) and cm_kernels.fused_jvp(q)
 
 
 def _forward_ad_backend(name: str, q: torch.Tensor) -> str:
