@@ -278,15 +278,20 @@ def _run(work: Path, budget: DemoBudget, quick: bool, log) -> dict:
     # MeanFlow's second time input (t − r) is the BCM end-time embedding. The sCD student starts
     # fresh (the teacher's embedding is high-frequency: 1000·ln σ/4), so its tangent warm-up spans
     # the run (r = step/steps: the diffusion term first, the full tangent by the end) with a cosine
-    # learning rate; on the full budget this gave 2-NFE FD 35 where a warm-up over the first fifth
-    # at a constant 5e-4 gave 70–80 (bench/RESULTS.md, "sCD in the demo": the settings tried).
+    # learning rate, a narrower proposal of t (P_std 1.0 instead of 1.4) and tangent normalization
+    # c = 1 (the paper's 0.1 normalizes this small model's tangents too hard); on the full budget
+    # this gave 2-NFE FD 28.8 where a warm-up over the first fifth at a constant 5e-4 gave 70–80
+    # (bench/RESULTS.md, "sCD in the demo": the settings tried).
     with stage("sCD: distil the teacher in continuous time (TrigFlow, sCM)"):
         cfg = _config(
             work,
             "scd",
             budget.scd_steps,
             budget,
-            objective={"name": "scd", "kwargs": {"tangent_warmup": budget.scd_steps}},
+            objective={
+                "name": "scd",
+                "kwargs": {"tangent_warmup": budget.scd_steps, "p_std": 1.0, "tangent_norm_c": 1.0},
+            },
             model={"overrides": dict(mlp, noise_scale=10.0), "c_noise": "trig", "teacher": str(teacher_weights)},
             lr=1.5e-3,
             decay="cosine",
