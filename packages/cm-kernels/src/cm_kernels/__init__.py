@@ -1,7 +1,7 @@
 """cm_kernels: fused pseudo-Huber loss and normalized ("cosine") attention for consistency models.
 
 Public API: ``pseudo_huber_loss``, ``normalized_attention``, ``normalized_attention_qkv``,
-``backends``, the CPU settings ``cpu_isa``/``set_cpu_isa``/``tune_cpu_allocator`` (``cm_kernels.cpu``),
+``backends``, ``fused_jvp`` (whether a JVP of the attention runs a fused kernel), the CPU settings ``cpu_isa``/``set_cpu_isa``/``tune_cpu_allocator`` (``cm_kernels.cpu``),
 the CUDA setting ``cuda_tensor_cores``/``set_cuda_tensor_cores`` (``cm_kernels.cuda``)
 and the pure-PyTorch ``reference`` module (the specification of both ops).
 The compiled ops live in the ``torch.ops.cm_kernels`` namespace; only these wrappers are public.
@@ -36,11 +36,12 @@ __all__ = [
     "KernelFallbackWarning",
     "backends",
     "cpu_isa",
+    "cuda_tensor_cores",
+    "fused_jvp",
     "normalized_attention",
     "normalized_attention_qkv",
     "pseudo_huber_loss",
     "reference",
-    "cuda_tensor_cores",
     "set_cpu_isa",
     "set_cuda_tensor_cores",
     "tune_cpu_allocator",
