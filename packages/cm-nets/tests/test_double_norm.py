@@ -123,14 +123,9 @@ def test_output_ignores_the_scale_of_the_embedding_affine(name):
     assert (after - before).norm() > 0.05 * before.norm()
 
 
-@pytest.mark.parametrize("name", ["adm-imagenet64", "ddpmpp-cifar10"])
-def test_jvp_matches_central_finite_difference(name):
-    """float64 networks, along x and the time input together, and along time alone (the path
-    through pnorm). Their GroupNorm and noise embedding compute in float32 by design (as the
-    reference networks'), hence h = 3e-3 and tolerances above float32's resolution (measured:
-    ≤ 7e-5 and ≤ 5e-4; a pnorm whose denominator is treated as constant gives 2e-3 and 0.1)."""
-    net = _net(name, dtype=torch.float64, ada_norm="double")
-    x, c, kw = make_inputs(name, dtype=torch.float64)
+def _jvp_and_central_difference(net, x, c, kw, h=3e-3):
+    """torch.func.jvp of net(x, c) along (dx, dc) and along dc alone (random float64 directions),
+    and the central differences of step h along the same directions."""
     c = c.double()
     g = torch.Generator().manual_seed(3)
     dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -142,9 +137,19 @@ def test_jvp_matches_central_finite_difference(name):
     with torch.no_grad():
         _, tangent = torch.func.jvp(fn, (x, c), (dx, dc))
         _, t_only = torch.func.jvp(lambda b: fn(x, b), (c,), (dc,))
-        h = 3e-3
         fd = (fn(x + h * dx, c + h * dc) - fn(x - h * dx, c - h * dc)) / (2 * h)
         fd_c = (fn(x, c + h * dc) - fn(x, c - h * dc)) / (2 * h)
+    return tangent, t_only, fd, fd_c
+
+
+@pytest.mark.parametrize("name", ["adm-imagenet64", "ddpmpp-cifar10"])
+def test_jvp_matches_central_finite_difference(name):
+    """float64 networks, along x and the time input together, and along time alone (the path
+    through pnorm). Their GroupNorm and noise embedding compute in float32 by design (as the
+    reference networks'), hence h = 3e-3 and tolerances above float32's resolution (measured:
+    ≤ 7e-5 and ≤ 5e-4; a pnorm whose denominator is treated as constant gives 2e-3 and 0.1)."""
+    x, c, kw = make_inputs(name, dtype=torch.float64)
+    tangent, t_only, fd, fd_c = _jvp_and_central_difference(_net(name, dtype=torch.float64, ada_norm="double"), x, c, kw)
     assert t_only.norm() > 1e-3 * tangent.norm()  # the time path (through pnorm) is exercised
     assert (tangent - fd).norm() <= 5e-4 * fd.norm(), ((tangent - fd).norm() / fd.norm()).item()
     assert (t_only - fd_c).norm() <= 3e-3 * fd_c.norm(), ((t_only - fd_c).norm() / fd_c.norm()).item()
@@ -282,22 +287,10 @@ def test_edm2_jvp_matches_central_finite_difference():
     """float64 edm2-xs "double", along x and time together and along time alone. MPFourier computes
     in float32 by design, hence h = 3e-3 and a tolerance above float32's resolution (measured:
     3e-5 and 4e-5; a pnorm whose denominator is treated as constant gives 0.2 and 0.3)."""
-    net = _net("edm2-xs", dtype=torch.float64, ada_norm="double")
     x, c, kw = _edm2_inputs(dtype=torch.float64)
-    c = c.double()
-    g = torch.Generator().manual_seed(3)
-    dx = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    dc = torch.randn(c.shape, generator=g, dtype=torch.float64)
-
-    def fn(a, b):
-        return net(a, b, **kw)
-
-    with torch.no_grad():
-        _, tangent = torch.func.jvp(fn, (x, c), (dx, dc))
-        _, t_only = torch.func.jvp(lambda b: fn(x, b), (c,), (dc,))
-        h = 3e-3
-        fd = (fn(x + h * dx, c + h * dc) - fn(x - h * dx, c - h * dc)) / (2 * h)
-        fd_c = (fn(x, c + h * dc) - fn(x, c - h * dc)) / (2 * h)
+    tangent, t_only, fd, fd_c = _jvp_and_central_difference(
+        _net("edm2-xs", dtype=torch.float64, ada_norm="double"), x, c, kw
+    )
     assert t_only.norm() > 1e-2 * tangent.norm()  # the time path (through pnorm) is exercised
     assert (tangent - fd).norm() <= 5e-4 * fd.norm(), ((tangent - fd).norm() / fd.norm()).item()
     assert (t_only - fd_c).norm() <= 5e-4 * fd_c.norm(), ((t_only - fd_c).norm() / fd_c.norm()).item()

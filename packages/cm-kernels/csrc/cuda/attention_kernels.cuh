@@ -574,43 +574,40 @@ int attn_jvp_d(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkView tq, Cmk
   return (int)cudaGetLastError();
 }
 
+// f(std::integral_constant<int, D>{}) for the compiled head dim D == d (the one list of them; keep
+// cmk_attn_head_dim_supported in attention.cu in step).
+template <typename F>
+int with_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
+
 template <typename T>
 int attn_jvp_t(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkView tq, CmkView tk, CmkView tv, CmkMutView out,
                CmkMutView tout, float* lse, float* ws, cudaStream_t stream) {
-  switch (p.d) {
-    case 16: return attn_jvp_d<T, 16>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
-    case 32: return attn_jvp_d<T, 32>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
-    case 64: return attn_jvp_d<T, 64>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
-    case 96: return attn_jvp_d<T, 96>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
-    case 128: return attn_jvp_d<T, 128>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
-    default: return (int)cudaErrorInvalidValue;
-  }
+  return with_head_dim(p.d, [&](auto D) {
+    return attn_jvp_d<T, decltype(D)::value>(p, q, k, v, tq, tk, tv, out, tout, lse, ws, stream);
+  });
 }
 
 template <typename T>
 int attn_fwd_t(CmkAttnParams p, CmkView q, CmkView k, CmkView v, CmkMutView out, float* lse, float* ws,
                cudaStream_t stream) {
-  switch (p.d) {
-    case 16: return attn_fwd_d<T, 16>(p, q, k, v, out, lse, ws, stream);
-    case 32: return attn_fwd_d<T, 32>(p, q, k, v, out, lse, ws, stream);
-    case 64: return attn_fwd_d<T, 64>(p, q, k, v, out, lse, ws, stream);
-    case 96: return attn_fwd_d<T, 96>(p, q, k, v, out, lse, ws, stream);
-    case 128: return attn_fwd_d<T, 128>(p, q, k, v, out, lse, ws, stream);
-    default: return (int)cudaErrorInvalidValue;
-  }
+  return with_head_dim(p.d, [&](auto D) { return attn_fwd_d<T, decltype(D)::value>(p, q, k, v, out, lse, ws, stream); });
 }
 
 template <typename T>
 int attn_bwd_t(CmkAttnParams p, CmkView dout, CmkView q, CmkView k, CmkView v, CmkView out, const float* lse,
                CmkMutView dq, CmkMutView dk, CmkMutView dv, float* ws, cudaStream_t stream) {
-  switch (p.d) {
-    case 16: return attn_bwd_d<T, 16>(p, dout, q, k, v, out, lse, dq, dk, dv, ws, stream);
-    case 32: return attn_bwd_d<T, 32>(p, dout, q, k, v, out, lse, dq, dk, dv, ws, stream);
-    case 64: return attn_bwd_d<T, 64>(p, dout, q, k, v, out, lse, dq, dk, dv, ws, stream);
-    case 96: return attn_bwd_d<T, 96>(p, dout, q, k, v, out, lse, dq, dk, dv, ws, stream);
-    case 128: return attn_bwd_d<T, 128>(p, dout, q, k, v, out, lse, dq, dk, dv, ws, stream);
-    default: return (int)cudaErrorInvalidValue;
-  }
+  return with_head_dim(p.d, [&](auto D) {
+    return attn_bwd_d<T, decltype(D)::value>(p, dout, q, k, v, out, lse, dq, dk, dv, ws, stream);
+  });
 }
 
 }  // namespace cmk
