@@ -353,6 +353,26 @@ __global__ void row_jvp_factor_kernel(CmkView x, CmkView t, int64_t H, int64_t N
   }
 }
 
+// Rows k0 .. k0 + kTile of x_hat = f x and of its tangent d(x_hat) = f dx - cf x (f, cf: this head's
+// row factors from row_jvp_factor_kernel) into the shared tiles sX, sdX; zeros past n_rows.
+template <typename T, int D>
+__device__ __forceinline__ void stage_jvp_tile(const CmkView& x, const CmkView& t, const float* __restrict__ f,
+                                               const float* __restrict__ cf, int64_t b, int64_t h, int64_t k0,
+                                               int64_t n_rows, float (*sX)[D + 1], float (*sdX)[D + 1]) {
+  for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
+    int r, c;
+    tile_index(idx, x.stride[3] == 1, kTile, D, r, c);
+    const int64_t n = k0 + r;
+    if (n < n_rows) {
+      const float xv = ld<T>(x, b, h, n, c);
+      sX[r][c] = xv * f[n];
+      sdX[r][c] = ld<T>(t, b, h, n, c) * f[n] - cf[n] * xv;
+    } else {
+      sX[r][c] = sdX[r][c] = 0.f;
+    }
+  }
+}
+
 // Forward-mode AD: O and its tangent dO in one pass (float32 accumulation), rows and tiles as
 // attn_fwd_kernel. With S = q_hat k_hat^T (scale folded into q_hat), P = softmax(S):
 //   dS = dq_hat k_hat^T + q_hat dk_hat^T
@@ -401,18 +421,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_jvp_kernel(CmkAttnParams p, 
   }
   for (int64_t k0 = 0; k0 < p.Nk; k0 += kTile) {
     __syncthreads();  // the previous tile's V, dV are consumed
-    for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
-      int r, c;
-      tile_index(idx, k.stride[3] == 1, kTile, D, r, c);
-      const int64_t n = k0 + r;
-      if (n < p.Nk) {
-        const float x = ld<T>(k, b, h, n, c);
-        sA[r][c] = x * fk[bh * p.Nk + n];
-        sB[r][c] = ld<T>(tk, b, h, n, c) * fk[bh * p.Nk + n] - ck[bh * p.Nk + n] * x;
-      } else {
-        sA[r][c] = sB[r][c] = 0.f;
-      }
-    }
+    stage_jvp_tile<T, D>(k, tk, fk + bh * p.Nk, ck + bh * p.Nk, b, h, k0, p.Nk, sA, sB);
     __syncthreads();
     const bool valid = k0 + lane < p.Nk;  // lane 0 is always valid: k0 < Nk
     float s[RPW], ds[RPW];
@@ -430,18 +439,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_jvp_kernel(CmkAttnParams p, 
       ds[rr] = valid ? dv : 0.f;
     }
     __syncthreads();  // K, dK are consumed
-    for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
-      int r, c;
-      tile_index(idx, v.stride[3] == 1, kTile, D, r, c);
-      const int64_t n = k0 + r;
-      if (n < p.Nk) {
-        const float x = ld<T>(v, b, h, n, c);
-        sA[r][c] = x * fv[bh * p.Nk + n];
-        sB[r][c] = ld<T>(tv, b, h, n, c) * fv[bh * p.Nk + n] - cv[bh * p.Nk + n] * x;
-      } else {
-        sA[r][c] = sB[r][c] = 0.f;
-      }
-    }
+    stage_jvp_tile<T, D>(v, tv, fv + bh * p.Nk, cv + bh * p.Nk, b, h, k0, p.Nk, sA, sB);
     __syncthreads();
 #pragma unroll
     for (int rr = 0; rr < RPW; ++rr) {
