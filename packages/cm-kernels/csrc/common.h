@@ -75,6 +75,12 @@ inline void check_tangents(const std::array<at::Tensor, 3>& x, const std::array<
   }
 }
 
+// The forward-mode tangent of ADM's fused qkv has its shape.
+inline void check_qkv_tangent(const at::Tensor& qkv, const at::Tensor& tqkv) {
+  TORCH_CHECK_VALUE(tqkv.sizes() == qkv.sizes(), "cm_kernels.normalized_attention_qkv_jvp: the tangent of qkv has shape ",
+                    tqkv.sizes(), ", expected ", qkv.sizes());
+}
+
 // Views q, k, v [B, H, N, d] of the ADM channels-first qkv [B, 3*H*d, N] tensor, channel order
 // (three, heads, d); no copy: the kernels read these strided views directly.
 inline std::array<at::Tensor, 3> split_qkv(const at::Tensor& qkv, int64_t num_heads) {

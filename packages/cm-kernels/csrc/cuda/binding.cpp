@@ -192,8 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_qkv_jvp_cuda(const at::
                                                                       c10::string_view normalize, double eps) {
   const auto parts = split_qkv(qkv, num_heads);
   check_attention(parts[0], parts[1], parts[2], scale, eps);
-  TORCH_CHECK_VALUE(tqkv.sizes() == qkv.sizes(), "cm_kernels.normalized_attention_qkv_jvp: the tangent of qkv has shape ",
-                    tqkv.sizes(), ", expected ", qkv.sizes());
+  check_qkv_tangent(qkv, tqkv);
   const c10::cuda::CUDAGuard guard(qkv.device());
   at::Tensor out = at::empty({qkv.size(0), qkv.size(1) / 3, qkv.size(2)}, qkv.options());
   at::Tensor tout = at::empty(out.sizes(), out.options());
